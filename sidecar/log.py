@@ -1,0 +1,56 @@
+"""structlog configuration: JSON (or console on a TTY), project and session on every line,
+and every string field redacted of tokens and signed-URL query strings."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+from sidecar.redact import redact
+
+__all__ = ["configure_logging", "redact_processor"]
+
+
+def redact_processor(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+                     ) -> MutableMapping[str, Any]:
+    """Redact every value, including exception text, before it is rendered."""
+    for key, value in list(event_dict.items()):
+        if isinstance(value, BaseException):
+            event_dict[key] = redact(f"{type(value).__name__}: {value}")
+        else:
+            event_dict[key] = redact(value)
+    return event_dict
+
+
+def _redact_rendered(_logger: Any, _name: str, rendered: str) -> str:
+    # Tracebacks are rendered late; scrub the final line as well.
+    return redact(rendered)  # type: ignore[no-any-return]
+
+
+def configure_logging(fmt: str = "json", level: str = "info", *, project_id: str = "local",
+                      session_id: str = "local", stream: TextIO | None = None) -> None:
+    """Configure structlog once (cli.py); binds project_id and session_id to every line."""
+    stream = stream or sys.stdout
+    renderer: Any = (structlog.dev.ConsoleRenderer(colors=stream.isatty())
+                     if fmt == "console" else structlog.processors.JSONRenderer())
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if fmt == "json":
+        processors.append(structlog.processors.dict_tracebacks)
+    processors += [redact_processor, renderer, _redact_rendered]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(project_id=project_id, session_id=session_id)
