@@ -90,7 +90,7 @@ class SyncSettings:
 class HttpSettings:
     """The health/metrics listener; None disables it."""
 
-    host: str = "0.0.0.0"  # noqa: S104 - container-local probe endpoint
+    host: str = "0.0.0.0"
     port: int | None = 8787
 
 
@@ -120,17 +120,17 @@ class Settings:
         """Parse and validate; raise one ConfigError listing every problem."""
         p = _Parser(env)
         _refuse_service_role(env, p.problems)
-        project_id = p.str("PROJECT_ID", "local")
-        project_dir = Path(p.str("PROJECT_DIR", "/app/project")).absolute()
-        state_dir = Path(p.str("SIDECAR_STATE_DIR", str(project_dir / ".sidecar"))).absolute()
-        url = p.str("SNAPSHOT_URL", "") or None
+        project_id = p.text("PROJECT_ID", "local")
+        project_dir = Path(p.text("PROJECT_DIR", "/app/project")).absolute()
+        state_dir = Path(p.text("SIDECAR_STATE_DIR", str(project_dir / ".sidecar"))).absolute()
+        url = p.text("SNAPSHOT_URL", "") or None
         if url is not None and urlsplit(url).scheme not in {"http", "https", "file"}:
             p.problems.append("SNAPSHOT_URL must be an http(s) URL")
-        sha = p.str("SNAPSHOT_SHA256", "").lower() or None
+        sha = p.text("SNAPSHOT_SHA256", "").lower() or None
         if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
             p.problems.append("SNAPSHOT_SHA256 must be 64 hex digits")
-        token = p.str("REALTIME_TOKEN", "") or None
-        token_file = p.str("REALTIME_TOKEN_FILE", "") or None
+        token = p.text("REALTIME_TOKEN", "") or None
+        token_file = p.text("REALTIME_TOKEN_FILE", "") or None
         if token is None and token_file is not None:
             try:
                 token = Path(token_file).read_text().strip() or None
@@ -141,49 +141,49 @@ class Settings:
             if claims.get("role") == "service_role":
                 p.problems.append("REALTIME_TOKEN has role service_role; refusing to start "
                                   "with a key that can read every project")
-        rt_url = p.str("REALTIME_URL", "") or None
+        rt_url = p.text("REALTIME_URL", "") or None
         if rt_url is not None and urlsplit(rt_url).scheme not in {"http", "https", "ws", "wss"}:
             p.problems.append("REALTIME_URL must be an http(s):// or ws(s):// URL")
-        apikey = p.str("REALTIME_APIKEY", "") or None
+        apikey = p.text("REALTIME_APIKEY", "") or None
         for secret in (url, token, apikey):
             register_secret(secret)
         if url is not None:
             register_secret(urlsplit(url).query)
-        http_addr = p.str("SIDECAR_HTTP_ADDR", "0.0.0.0:8787")
+        http_addr = p.text("SIDECAR_HTTP_ADDR", "0.0.0.0:8787")
         http = HttpSettings(port=None)
         if http_addr not in {"", "off", "none"}:
             host, _, port_s = http_addr.rpartition(":")
             if not port_s.isdigit() or int(port_s) > 65535:
                 p.problems.append(f"SIDECAR_HTTP_ADDR must be host:port, got {http_addr!r}")
             else:
-                http = HttpSettings(host=host.strip("[]") or "0.0.0.0", port=int(port_s))  # noqa: S104
+                http = HttpSettings(host=host.strip("[]") or "0.0.0.0", port=int(port_s))
         on_change: list[tuple[str, str]] = []
-        for rule in filter(None, (r.strip() for r in p.str("SIDECAR_ON_CHANGE", "").split(";"))):
+        for rule in filter(None, (r.strip() for r in p.text("SIDECAR_ON_CHANGE", "").split(";"))):
             glob, sep, action = rule.partition("=")
             if not sep or not glob.strip() or not action.strip():
                 p.problems.append(f"SIDECAR_ON_CHANGE rule must be GLOB=ACTION, got {rule!r}")
             else:
                 on_change.append((glob.strip(), action.strip()))
-        ignore_extra = tuple(x for x in p.str("SIDECAR_IGNORE", "").split(",") if x.strip())
+        ignore_extra = tuple(x for x in p.text("SIDECAR_IGNORE", "").split(",") if x.strip())
         settings = cls(
             project_id=project_id,
-            session_id=p.str("SESSION_ID", "local"),
+            session_id=p.text("SESSION_ID", "local"),
             project_dir=project_dir,
             state_dir=state_dir,
             write_mode=p.choice("SIDECAR_WRITE_MODE", ("atomic", "inplace"), "atomic"),  # type: ignore[arg-type]
             limits=Limits(
                 max_bytes=p.size("SIDECAR_MAX_BYTES"),
-                max_files=p.int("SIDECAR_MAX_FILES", 0),
+                max_files=p.integer("SIDECAR_MAX_FILES", 0),
                 max_file_bytes=p.size("SIDECAR_MAX_FILE_BYTES"),
             ),
             snapshot=SnapshotSettings(
                 url=Secret(url) if url else None,
                 sha256=sha,
-                retries=p.int("SIDECAR_SNAPSHOT_RETRIES", 8),
-                backoff_initial=p.float("SIDECAR_BACKOFF_INITIAL", 0.25),
-                backoff_max=p.float("SIDECAR_BACKOFF_MAX", 10.0),
-                read_timeout=p.float("SIDECAR_READ_TIMEOUT", 30.0),
-                request_wait=p.float("SIDECAR_SNAPSHOT_REQUEST_WAIT", 60.0),
+                retries=p.integer("SIDECAR_SNAPSHOT_RETRIES", 8),
+                backoff_initial=p.seconds("SIDECAR_BACKOFF_INITIAL", 0.25),
+                backoff_max=p.seconds("SIDECAR_BACKOFF_MAX", 10.0),
+                read_timeout=p.seconds("SIDECAR_READ_TIMEOUT", 30.0),
+                request_wait=p.seconds("SIDECAR_SNAPSHOT_REQUEST_WAIT", 60.0),
             ),
             realtime=RealtimeSettings(
                 url=rt_url,
@@ -191,25 +191,25 @@ class Settings:
                 token=Secret(token) if token else None,
                 token_file=Path(token_file) if token_file else None,
                 topic=f"project:{project_id}",
-                heartbeat_window=p.float("SIDECAR_HEARTBEAT_WINDOW", 60.0),
-                rebuild_backoff_initial=p.float("SIDECAR_REBUILD_BACKOFF", 0.5),
+                heartbeat_window=p.seconds("SIDECAR_HEARTBEAT_WINDOW", 60.0),
+                rebuild_backoff_initial=p.seconds("SIDECAR_REBUILD_BACKOFF", 0.5),
             ),
             sync=SyncSettings(
                 upstream=p.choice("SIDECAR_UPSTREAM", ("none", "rpc"), "none"),  # type: ignore[arg-type]
-                supabase_url=p.str("SUPABASE_URL", "") or None,
+                supabase_url=p.text("SUPABASE_URL", "") or None,
                 conflict=p.choice("SIDECAR_CONFLICT", ("remote-wins", "local-wins", "merge"),
                                   "remote-wins"),  # type: ignore[arg-type]
                 ignore=SyncSettings().ignore + ignore_extra,
-                local_changes=p.bool("SIDECAR_LOCAL_CHANGES", True),
+                local_changes=p.flag("SIDECAR_LOCAL_CHANGES", True),
             ),
             http=http,
             log_format=p.choice("LOG_FORMAT", ("json", "console"),
                                 "console" if isatty else "json"),  # type: ignore[arg-type]
             log_level=p.choice("LOG_LEVEL", ("debug", "info", "warning", "error"), "info"),
-            after_hydrate=tuple(shlex.split(p.str("SIDECAR_AFTER_HYDRATE", ""))),
+            after_hydrate=tuple(shlex.split(p.text("SIDECAR_AFTER_HYDRATE", ""))),
             on_change=tuple(on_change),
-            restart_child=p.bool("SIDECAR_RESTART_CHILD", False),
-            stop_grace=p.float("SIDECAR_STOP_GRACE", 10.0),
+            restart_child=p.flag("SIDECAR_RESTART_CHILD", False),
+            stop_grace=p.seconds("SIDECAR_STOP_GRACE", 10.0),
         )
         if settings.sync.upstream == "rpc" and not settings.sync.supabase_url:
             p.problems.append("SIDECAR_UPSTREAM=rpc needs SUPABASE_URL")
@@ -249,10 +249,10 @@ class _Parser:
         self.env = env
         self.problems: list[str] = []
 
-    def str(self, name: str, default: str) -> str:
+    def text(self, name: str, default: str) -> str:
         return self.env.get(name, default).strip()
 
-    def int(self, name: str, default: int) -> int:
+    def integer(self, name: str, default: int) -> int:
         raw = self.env.get(name, "").strip()
         if not raw:
             return default
@@ -265,7 +265,7 @@ class _Parser:
             self.problems.append(f"{name} must not be negative")
         return value
 
-    def float(self, name: str, default: float) -> float:
+    def seconds(self, name: str, default: float) -> float:
         raw = self.env.get(name, "").strip()
         if not raw:
             return default
@@ -289,7 +289,7 @@ class _Parser:
         unit = (m.group(2) or "").lower().removesuffix("b")
         return int(float(m.group(1)) * _SIZE_UNITS[unit])
 
-    def bool(self, name: str, default: bool) -> bool:
+    def flag(self, name: str, default: bool) -> bool:
         raw = self.env.get(name, "").strip().lower()
         if not raw:
             return default

@@ -6,6 +6,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from sidecar.config import Limits
 from sidecar.errors import QuotaExceededError, SnapshotInvalidError, UnsafePathError
@@ -115,7 +116,7 @@ def check_limits(entries: Iterable[FileEntry], limits: Limits) -> None:
         raise QuotaExceededError(f"{total} bytes, over SIDECAR_MAX_BYTES={limits.max_bytes}")
 
 
-def _is_int(v: object) -> bool:
+def _is_int(v: object) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 

@@ -31,7 +31,7 @@ def check_rel_path(path: object) -> str:
         raise UnsafePathError(f"path contains a backslash: {shown}")
     if path.startswith("/") or (len(path) > 1 and path[1] == ":"):
         raise UnsafePathError(f"absolute path: {shown}")
-    stripped = path[2:] if path.startswith("./") else path
+    stripped = path.removeprefix("./")
     stripped = stripped.rstrip("/")
     if not stripped:
         raise UnsafePathError(f"empty path: {shown}")

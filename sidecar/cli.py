@@ -1,0 +1,122 @@
+"""Command line: argv -> Settings -> logging -> asyncio.run(app.…) -> exit code.
+
+The only place that catches everything and the only place that decides the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from sidecar import __version__
+from sidecar.config import Settings
+from sidecar.errors import ExitCode, SidecarError
+from sidecar.log import configure_logging
+from sidecar.redact import redact
+
+__all__ = ["main"]
+
+log = structlog.get_logger(component="sidecar")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sidecar",
+        description="Hydrate a project from a signed snapshot and keep it in sync over "
+        "Supabase Realtime. Configuration comes from the environment (see README).",
+    )
+    p.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="container entrypoint: hydrate, sync, run CMD as a child")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="the dev server command (after --)")
+    sub.add_parser("hydrate", help="one-shot: hydrate and verify PROJECT_DIR, then exit")
+    sub.add_parser("sync", help="apply live deltas to an already hydrated PROJECT_DIR")
+    snap = sub.add_parser("snapshot", help="snapshot tools")
+    snap_sub = snap.add_subparsers(dest="snapshot_command", required=True, metavar="ACTION")
+    build = snap_sub.add_parser("build", help="build a format-1 snapshot (.tar.zst) of DIR")
+    build.add_argument("dir", type=Path)
+    build.add_argument("-o", "--output", type=Path, required=True)
+    build.add_argument("--project-id", default=None)
+    build.add_argument("--snapshot-id", default=None)
+    build.add_argument("--seq", type=int, default=None)
+    build.add_argument("--level", type=int, default=3, help="zstd level (default 3)")
+    demo = sub.add_parser("demo", help="the whole loop against an embedded local stack")
+    demo.add_argument("--dir", type=Path, default=None, help="project directory (default: temp)")
+    demo.add_argument("--keep-running", action="store_true",
+                      help="keep the stack and the sidecar running until Ctrl-C")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line and return the process exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env(os.environ, isatty=sys.stdout.isatty())
+    except SidecarError as exc:
+        configure_logging("console" if sys.stderr.isatty() else "json")
+        return _fail(exc)
+    configure_logging(settings.log_format, settings.log_level,
+                      project_id=settings.project_id, session_id=settings.session_id)
+    code = int(ExitCode.INTERNAL)
+    try:
+        try:
+            code = asyncio.run(_dispatch(args, settings))
+        except* SidecarError as group:
+            code = _fail(_first(group))
+        except* Exception as group:
+            first = _first(group)
+            log.exception("sidecar.crashed", error=type(first).__name__, exc_info=first)
+            print(f"sidecar: internal error: {redact(str(first))}", file=sys.stderr)
+            code = int(ExitCode.INTERNAL)
+    except KeyboardInterrupt:
+        code = 128 + 2
+    return code
+
+
+async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    from sidecar import app
+
+    if args.command == "run":
+        cmd = list(args.cmd)
+        if cmd and cmd[0] == "--":
+            cmd = cmd[1:]
+        return await app.run(settings, tuple(cmd))
+    if args.command == "hydrate":
+        return await app.hydrate_once(settings)
+    if args.command == "sync":
+        return await app.sync_only(settings)
+    if args.command == "snapshot":
+        from sidecar.snapshot_build import build_snapshot
+
+        manifest = await asyncio.to_thread(
+            build_snapshot, args.dir, args.output,
+            project_id=args.project_id or settings.project_id, snapshot_id=args.snapshot_id,
+            seq=args.seq, level=args.level)
+        log.info("snapshot.built", output=str(args.output), files=len(manifest.files),
+                 bytes=manifest.total_bytes, snapshot_id=manifest.snapshot_id)
+        return 0
+    if args.command == "demo":
+        from sidecar import demo
+
+        return await demo.run(args.dir, keep_running=args.keep_running)
+    raise AssertionError(args.command)
+
+
+def _first(group: BaseException) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
+
+
+def _fail(exc: BaseException) -> int:
+    code = int(getattr(exc, "exit_code", ExitCode.INTERNAL))
+    reason = redact(str(exc))
+    log.error("sidecar.failed", error=type(exc).__name__, reason=reason, exit_code=code)
+    print(f"sidecar: error: {reason}", file=sys.stderr)
+    return code
