@@ -16,7 +16,7 @@ import os
 import random
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -98,6 +98,7 @@ class Applier:
         fetch_timeout: float = 30.0,
         fetch_backoff: float = 0.25,
         on_change: Callable[[Sequence[str]], None] | None = None,
+        before_publish: Callable[[Sequence[FileChange]], Awaitable[None]] | None = None,
     ) -> None:
         if write_mode not in ("atomic", "inplace"):
             raise ValueError(f"write_mode must be atomic or inplace, not {write_mode!r}")
@@ -111,6 +112,7 @@ class Applier:
         self.fetch_timeout = fetch_timeout
         self.fetch_backoff = fetch_backoff
         self.on_change = on_change
+        self.before_publish = before_publish
         self.lock = asyncio.Lock()
         self._serial = asyncio.Lock()
         self._http = http
@@ -187,6 +189,11 @@ class Applier:
             self.on_change(changed)
         return outcome
 
+    def _superseded(self, it: _Item) -> bool:
+        """True when the before_publish hook recorded this version (or newer) as handled."""
+        known = self.state.get(it.change.path)
+        return known is not None and known.version >= it.change.version
+
     def _rejected(self, ev: DeltaEvent, exc: Exception, reason: str) -> None:
         self.metrics.event(ev.event, "rejected")
         log.warning(
@@ -230,7 +237,12 @@ class Applier:
             self._check_quota(items)
             await self._stage(items)
             async with self.lock:
-                changed, records = await self._publish(items)
+                if self.before_publish is not None:
+                    # Two-way sync decides conflicts with local edits under the same lock, so a
+                    # local write cannot slip in between its check and our publish.
+                    await self.before_publish([it.change for it in items])
+                    items = [it for it in items if not self._superseded(it)]
+                changed, records = await self._publish(items) if items else ([], {})
                 self._record(records, meta)
         finally:
             for it in items:

@@ -684,23 +684,24 @@ def _edited(current: bytes | None, change: Any) -> bytes | None:
 
 
 async def test_applier_hook_variant_under_the_lock(tmp_path: Path) -> None:
-    """before_publish (for an Applier hook, lock held) resolves like before_apply does."""
+    """Wired as the Applier's before_publish hook, the policy runs under the lock and the
+    Applier then writes nothing for the change the policy kept local."""
     async with make_env(tmp_path, policy="local-wins") as env:
         await env.seed({"a.txt": BASE})
+        env.applier.before_publish = env.ls.before_publish
         await env.rpc.editor_upsert(PROJECT, "a.txt", REMOTE)
         env.write("a.txt", LOCAL)
         [(name, payload)] = env.inbox
         env.inbox.clear()
         ev = parse_event(name, payload, None)
-        async with env.applier.lock:
-            await env.ls.before_publish(ev.changes)
-        assert await env.applier.apply(ev) == "duplicate"
+        assert await env.applier.apply(ev) == "noop"
         assert env.disk("a.txt") == LOCAL
         await env.ls.drain()
         head = env.rpc.head(PROJECT, "a.txt")
         assert head is not None
         assert (head.version, head.content) == (3, LOCAL)
         assert [p["resolution"] for e, p in env.sent if e == "file:conflict"] == ["local-kept"]
+        assert REMOTE in env.saved().values()
 
 
 async def test_bases_are_seeded_and_collected(env: Env) -> None:
