@@ -8,6 +8,7 @@ __all__ = [
     "ChildStartError",
     "ConfigError",
     "ExitCode",
+    "HookFailedError",
     "QuotaExceededError",
     "RealtimeAuthError",
     "SidecarError",
@@ -35,7 +36,7 @@ class ExitCode(IntEnum):
 class SidecarError(Exception):
     """Base of every error that crosses a module boundary; carries its exit code."""
 
-    exit_code: ExitCode = ExitCode.INTERNAL
+    exit_code: int = ExitCode.INTERNAL
 
 
 class ConfigError(SidecarError, ValueError):
@@ -78,6 +79,14 @@ class RealtimeAuthError(SidecarError):
     """Raised when the Realtime token is refused for good (revoked, not authorised)."""
 
     exit_code = ExitCode.REALTIME_AUTH
+
+
+class HookFailedError(SidecarError):
+    """Raised when SIDECAR_AFTER_HYDRATE fails; the sidecar exits with the hook's status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.exit_code = status
 
 
 class ChildStartError(SidecarError, OSError):

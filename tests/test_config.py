@@ -37,8 +37,14 @@ def test_console_logs_on_a_tty() -> None:
 
 def test_sizes_and_topic_are_parsed() -> None:
     """Sizes accept SI and binary units; the topic derives from PROJECT_ID."""
-    s = Settings.from_env({"SIDECAR_MAX_BYTES": "2GiB", "SIDECAR_MAX_FILE_BYTES": "500kb",
-                           "SIDECAR_MAX_FILES": "10", "PROJECT_ID": "p-1"})
+    s = Settings.from_env(
+        {
+            "SIDECAR_MAX_BYTES": "2GiB",
+            "SIDECAR_MAX_FILE_BYTES": "500kb",
+            "SIDECAR_MAX_FILES": "10",
+            "PROJECT_ID": "p-1",
+        }
+    )
     assert s.limits.max_bytes == 2 * 1024**3
     assert s.limits.max_file_bytes == 500_000
     assert s.limits.max_files == 10
@@ -48,12 +54,23 @@ def test_sizes_and_topic_are_parsed() -> None:
 def test_every_problem_is_listed_at_once() -> None:
     """One ConfigError names every bad variable, with the configuration exit code."""
     with pytest.raises(ConfigError) as info:
-        Settings.from_env({"SIDECAR_MAX_BYTES": "lots", "SIDECAR_CONFLICT": "yolo",
-                           "SIDECAR_WRITE_MODE": "sometimes", "SNAPSHOT_SHA256": "abc",
-                           "SIDECAR_HTTP_ADDR": "nope"})
+        Settings.from_env(
+            {
+                "SIDECAR_MAX_BYTES": "lots",
+                "SIDECAR_CONFLICT": "yolo",
+                "SIDECAR_WRITE_MODE": "sometimes",
+                "SNAPSHOT_SHA256": "abc",
+                "SIDECAR_HTTP_ADDR": "nope",
+            }
+        )
     text = str(info.value)
-    for name in ("SIDECAR_MAX_BYTES", "SIDECAR_CONFLICT", "SIDECAR_WRITE_MODE",
-                 "SNAPSHOT_SHA256", "SIDECAR_HTTP_ADDR"):
+    for name in (
+        "SIDECAR_MAX_BYTES",
+        "SIDECAR_CONFLICT",
+        "SIDECAR_WRITE_MODE",
+        "SNAPSHOT_SHA256",
+        "SIDECAR_HTTP_ADDR",
+    ):
         assert name in text
     assert info.value.exit_code == ExitCode.CONFIG
 

@@ -14,18 +14,23 @@ SHA = "a" * 64
 
 
 def _doc(**over: object) -> dict[str, object]:
-    doc: dict[str, object] = {"format": 1, "project_id": "p", "snapshot_id": "s",
-                              "created_at": 1, "files": [{"path": "a.txt", "size": 1,
-                                                          "sha256": SHA, "mode": 0o644,
-                                                          "version": 1}]}
+    doc: dict[str, object] = {
+        "format": 1,
+        "project_id": "p",
+        "snapshot_id": "s",
+        "created_at": 1,
+        "files": [{"path": "a.txt", "size": 1, "sha256": SHA, "mode": 0o644, "version": 1}],
+    }
     doc.update(over)
     return doc
 
 
 def test_round_trip_is_deterministic() -> None:
     """Parsing and serialising gives the same bytes regardless of input order."""
-    files = [{"path": p, "size": 1, "sha256": SHA, "mode": 0o644, "version": 1}
-             for p in ("b", "a", "c/d")]
+    files = [
+        {"path": p, "size": 1, "sha256": SHA, "mode": 0o644, "version": 1}
+        for p in ("b", "a", "c/d")
+    ]
     m = Manifest.parse(json.dumps(_doc(files=files, seq=4)).encode())
     m2 = Manifest.parse(json.dumps(_doc(files=files[::-1], seq=4)).encode())
     assert m.to_bytes() == m2.to_bytes()
@@ -44,12 +49,37 @@ def test_round_trip_is_deterministic() -> None:
         ({"files": [{"path": "a", "size": -1, "sha256": SHA}]}, SnapshotInvalidError),
         ({"files": [{"path": "a", "size": 1, "sha256": "nothex"}]}, SnapshotInvalidError),
         ({"files": [{"path": "a", "size": 1, "sha256": SHA}] * 2}, SnapshotInvalidError),
-        ({"files": [{"path": "a", "size": 1, "sha256": SHA},
-                    {"path": "a/b", "size": 1, "sha256": SHA}]}, SnapshotInvalidError),
-        ({"files": [{"path": "l", "size": 0, "sha256": SHA, "type": "symlink",
-                     "target": "../../etc"}]}, UnsafePathError),
-        ({"files": [{"path": "l", "size": 0, "sha256": SHA, "type": "symlink",
-                     "target": "/etc"}]}, UnsafePathError),
+        (
+            {
+                "files": [
+                    {"path": "a", "size": 1, "sha256": SHA},
+                    {"path": "a/b", "size": 1, "sha256": SHA},
+                ]
+            },
+            SnapshotInvalidError,
+        ),
+        (
+            {
+                "files": [
+                    {
+                        "path": "l",
+                        "size": 0,
+                        "sha256": SHA,
+                        "type": "symlink",
+                        "target": "../../etc",
+                    }
+                ]
+            },
+            UnsafePathError,
+        ),
+        (
+            {
+                "files": [
+                    {"path": "l", "size": 0, "sha256": SHA, "type": "symlink", "target": "/etc"}
+                ]
+            },
+            UnsafePathError,
+        ),
     ],
 )
 def test_bad_manifests_are_refused(override: dict[str, object], exc: type[Exception]) -> None:
@@ -60,15 +90,23 @@ def test_bad_manifests_are_refused(override: dict[str, object], exc: type[Except
 
 def test_setuid_bits_are_dropped() -> None:
     """Modes keep permission bits only."""
-    m = Manifest.parse(json.dumps(_doc(files=[{"path": "x", "size": 1, "sha256": SHA,
-                                               "mode": 0o4755}])).encode())
+    m = Manifest.parse(
+        json.dumps(_doc(files=[{"path": "x", "size": 1, "sha256": SHA, "mode": 0o4755}])).encode()
+    )
     assert m.files["x"].mode == 0o755
 
 
 def test_symlink_inside_root_is_allowed() -> None:
     """A relative symlink that stays inside the root is accepted."""
-    m = Manifest.parse(json.dumps(_doc(files=[{"path": "a/l", "size": 0, "sha256": SHA,
-                                               "type": "symlink", "target": "../b"}])).encode())
+    m = Manifest.parse(
+        json.dumps(
+            _doc(
+                files=[
+                    {"path": "a/l", "size": 0, "sha256": SHA, "type": "symlink", "target": "../b"}
+                ]
+            )
+        ).encode()
+    )
     assert m.files["a/l"].target == "../b"
 
 

@@ -12,8 +12,24 @@ from sidecar.paths import check_rel_path, is_reserved, resolve_inside
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "/", "/etc/passwd", "../x", "a/../../x", "a/..", ".", "./../x", "a//b", "a\\..\\b",
-     "C:/x", "a\x00b", "x/./y", "a" * 300, None, 5],
+    [
+        "",
+        "/",
+        "/etc/passwd",
+        "../x",
+        "a/../../x",
+        "a/..",
+        ".",
+        "./../x",
+        "a//b",
+        "a\\..\\b",
+        "C:/x",
+        "a\x00b",
+        "x/./y",
+        "a" * 300,
+        None,
+        5,
+    ],
 )
 def test_unsafe_paths_are_refused(bad: object) -> None:
     """Absolute, escaping, empty, non-canonical and non-string paths raise UnsafePathError."""
@@ -21,8 +37,10 @@ def test_unsafe_paths_are_refused(bad: object) -> None:
         check_rel_path(bad)
 
 
-@pytest.mark.parametrize(("raw", "norm"), [("a/b.txt", "a/b.txt"), ("./a", "a"), ("dir/", "dir"),
-                                           ("ünï/çødé.js", "ünï/çødé.js")])
+@pytest.mark.parametrize(
+    ("raw", "norm"),
+    [("a/b.txt", "a/b.txt"), ("./a", "a"), ("dir/", "dir"), ("ünï/çødé.js", "ünï/çødé.js")],
+)
 def test_safe_paths_are_normalised(raw: str, norm: str) -> None:
     """A leading ./ and a trailing / are removed; everything else is kept byte for byte."""
     assert check_rel_path(raw) == norm
