@@ -48,8 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--level", type=int, default=3, help="zstd level (default 3)")
     demo = sub.add_parser("demo", help="the whole loop against an embedded local stack")
     demo.add_argument("--dir", type=Path, default=None, help="project directory (default: temp)")
-    demo.add_argument("--keep-running", action="store_true",
-                      help="keep the stack and the sidecar running until Ctrl-C")
+    demo.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="keep the stack and the sidecar running until Ctrl-C",
+    )
     return p
 
 
@@ -61,8 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SidecarError as exc:
         configure_logging("console" if sys.stderr.isatty() else "json")
         return _fail(exc)
-    configure_logging(settings.log_format, settings.log_level,
-                      project_id=settings.project_id, session_id=settings.session_id)
+    configure_logging(
+        settings.log_format,
+        settings.log_level,
+        project_id=settings.project_id,
+        session_id=settings.session_id,
+    )
     code = int(ExitCode.INTERNAL)
     try:
         try:
@@ -95,11 +102,21 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from sidecar.snapshot_build import build_snapshot
 
         manifest = await asyncio.to_thread(
-            build_snapshot, args.dir, args.output,
-            project_id=args.project_id or settings.project_id, snapshot_id=args.snapshot_id,
-            seq=args.seq, level=args.level)
-        log.info("snapshot.built", output=str(args.output), files=len(manifest.files),
-                 bytes=manifest.total_bytes, snapshot_id=manifest.snapshot_id)
+            build_snapshot,
+            args.dir,
+            args.output,
+            project_id=args.project_id or settings.project_id,
+            snapshot_id=args.snapshot_id,
+            seq=args.seq,
+            level=args.level,
+        )
+        log.info(
+            "snapshot.built",
+            output=str(args.output),
+            files=len(manifest.files),
+            bytes=manifest.total_bytes,
+            snapshot_id=manifest.snapshot_id,
+        )
         return 0
     if args.command == "demo":
         from sidecar import demo

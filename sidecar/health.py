@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -49,6 +49,15 @@ class HealthState:
     child_pid: int | None = None
     child_status: int | None = None  # exit status once the child has exited
     started_at: float = field(default_factory=time.time)
+    # Called before every read by the HTTP handlers, so answers reflect the components' live
+    # state without a polling task (the app sets it).
+    refresh: Callable[[], None] | None = field(default=None, repr=False)
+
+    def refreshed(self) -> HealthState:
+        """Run the refresh hook (if any) and return self."""
+        if self.refresh is not None:
+            self.refresh()
+        return self
 
     @property
     def ready(self) -> bool:
@@ -174,7 +183,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    state = request.app[STATE_KEY]
+    state = request.app[STATE_KEY].refreshed()
     reasons = state.reasons()
     request.app[METRICS_KEY].ready.set(0 if reasons else 1)
     return web.json_response(
@@ -185,9 +194,9 @@ async def _readyz(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     metrics = request.app[METRICS_KEY]
-    metrics.ready.set(1 if request.app[STATE_KEY].ready else 0)
+    metrics.ready.set(1 if request.app[STATE_KEY].refreshed().ready else 0)
     return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def _status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[STATE_KEY].status())
+    return web.json_response(request.app[STATE_KEY].refreshed().status())

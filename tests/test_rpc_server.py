@@ -258,3 +258,20 @@ async def test_snapshot_of_the_table(rpc: RpcServer, tmp_path: Path) -> None:
     assert {p: (e.version, e.sha256) for p, e in manifest.files.items()} == {
         "src/a.ts": (2, hashlib.sha256(b"a2").hexdigest())
     }
+
+
+async def test_editor_bulk_broadcasts_one_unit(tmp_path) -> None:
+    """A bulk save updates and deletes rows together and broadcasts one bulk:apply."""
+    from sidecar.testing.rpc_server import RpcServer
+
+    seen: list[tuple[str, str, dict]] = []
+    async with RpcServer() as rpc:
+        rpc.add_listener(lambda topic, event, payload: seen.append((topic, event, payload)))
+        await rpc.editor_upsert("p", "gone.txt", b"x")
+        seq = await rpc.editor_bulk("p", {"a.txt": b"A", "gone.txt": None, "never.txt": None})
+        assert rpc.files("p") == {"a.txt": b"A"}
+        assert rpc.versions("p") == {"a.txt": 1, "gone.txt": 2}
+        topic, event, payload = seen[-1]
+        assert (topic, event, payload["seq"], seq) == ("project:p", "bulk:apply", 2, 2)
+        assert [(f["action"], f["file_path"]) for f in payload["files"]] == [
+            ("update", "a.txt"), ("delete", "gone.txt")]

@@ -336,6 +336,44 @@ class RpcServer:
         """Delete a file as the editor does; the tombstone's version."""
         return await self._delete(project_id, path, expected_version, sender)
 
+    async def editor_bulk(self, project_id: str, changes: Mapping[str, bytes | None], *,
+                          sender: str = "editor") -> int:
+        """Apply several writes (None deletes) as one transaction and broadcast a single
+        `bulk:apply` with one seq, as a multi-file save would; returns that seq."""
+        async with self._lock(project_id):
+            rows = self._rows.setdefault(project_id, {})
+            now = time.time()
+            seq = self._seq.get(project_id, 0) + 1
+            files: list[dict[str, Any]] = []
+            for path, data in changes.items():
+                row = rows.get(path)
+                version = (0 if row is None else row.version) + 1
+                if data is None:
+                    if row is None or row.deleted:
+                        continue
+                    rows[path] = Row(version, None, row.file_type, now, sender)
+                    files.append({"action": "delete", "file_path": path, "version": version})
+                else:
+                    ftype = "text" if _is_utf8(data) else "binary"
+                    rows[path] = Row(version, data, ftype, now, sender)
+                    files.append({"action": "update", "file_path": path, "version": version,
+                                  "content_b64": base64.b64encode(data).decode(),
+                                  "content_hash": hashlib.sha256(data).hexdigest()})
+                self.history.append(Revision(project_id, path, version, data, sender, seq, now))
+            if not files:
+                return self._seq.get(project_id, 0)
+            self._seq[project_id] = seq
+            payload: dict[str, Any] = {"files": files, "seq": seq,
+                                       "timestamp": int(now * 1000), "sender": sender}
+            topic = f"project:{project_id}"
+            for listener in list(self._listeners):
+                listener(topic, "bulk:apply", dict(payload))
+            if self.realtime is not None:
+                result = self.realtime.send_db(topic, "bulk:apply", payload, private=self.private)
+                if inspect.isawaitable(result):
+                    await result
+            return seq
+
     def head(self, project_id: str, path: str) -> Row | None:
         """The current row for path (a tombstone has content None), or None."""
         return self._rows.get(project_id, {}).get(path)

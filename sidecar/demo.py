@@ -1,0 +1,242 @@
+"""`sidecar demo`: the whole loop on one machine with nothing configured.
+
+Starts the embedded stack (a Realtime server, a Storage-style snapshot server, a PostgREST-style
+RPC server over an in-memory project table, and a producer answering snapshot requests), runs
+the real sidecar as a subprocess with a tiny dev server as its child, then edits the project
+the way the editor and a code generator would, and shows each change arriving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+
+from sidecar.log import configure_logging
+from sidecar.testing.producer import Producer
+from sidecar.testing.realtime_server import RealtimeServer
+from sidecar.testing.rpc_server import RpcServer
+from sidecar.testing.snapshot_server import SnapshotServer
+
+__all__ = ["SAMPLE", "run"]
+
+PROJECT = "demo-project"
+SAMPLE: dict[str, bytes] = {
+    "index.html": b"<!doctype html><title>demo</title><script src=src/app.js></script>\n",
+    "package.json": b'{"name": "demo", "version": "1.0.0", "scripts": {"dev": "vite"}}\n',
+    "src/app.js": b"document.title = 'v1';\n",
+    "src/util.js": b"export const add = (a, b) => a + b;\n",
+    "notes.txt": b"this file will be deleted by the editor\n",
+    "assets/logo.bin": bytes(range(256)) * 4,
+}
+
+
+async def run(directory: Path | None, *, keep_running: bool = False) -> int:
+    """Run the demo; returns the sidecar's exit code (0 when everything converged)."""
+    with contextlib.ExitStack() as stack:
+        if directory is None:
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sidecar-")))
+        directory.mkdir(parents=True, exist_ok=True)
+        return await _run(directory.absolute(), keep_running)
+    raise AssertionError("unreachable")
+
+
+async def _run(workdir: Path, keep_running: bool) -> int:
+    project = workdir / "project"
+    log_path = workdir / "sidecar.log"
+    _say(f"sidecar demo: working in {workdir}")
+    # The embedded servers log to their own file; stdout is for the story.
+    with open(workdir / "stack.log", "w") as stack_log:  # noqa: ASYNC230
+        configure_logging("json", "info", project_id=PROJECT, session_id="stack", stream=stack_log)
+        try:
+            return await _story(workdir, project, log_path, keep_running)
+        finally:
+            configure_logging("json", "warning", stream=sys.stderr)
+
+
+async def _story(workdir: Path, project: Path, log_path: Path, keep_running: bool) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        rt = await stack.enter_async_context(RealtimeServer())
+        snaps = await stack.enter_async_context(SnapshotServer())
+        rpc = await stack.enter_async_context(RpcServer(realtime=rt))
+        rpc.seed(PROJECT, SAMPLE)
+        producer = await stack.enter_async_context(
+            Producer(PROJECT, rpc=rpc, snapshots=snaps, realtime=rt)
+        )
+        url, sha = producer.snapshot()
+        _say(f"  stack: realtime {rt.url}, storage {snaps.base_url}, database {rpc.url}")
+        _say(f"  snapshot of {len(SAMPLE)} files published (signed URL, sha256 {sha[:12]}…)")
+
+        http_port, dev_port = _free_port(), _free_port()
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("SIDECAR_", "REALTIME_"))},
+            "SNAPSHOT_URL": url,
+            "SNAPSHOT_SHA256": sha,
+            "REALTIME_URL": rt.url,
+            "REALTIME_APIKEY": rt.anon_key,
+            "REALTIME_TOKEN": rpc.make_token(PROJECT, session_id="demo"),
+            "PROJECT_ID": PROJECT,
+            "SESSION_ID": "demo",
+            "PROJECT_DIR": str(project),
+            "SIDECAR_HTTP_ADDR": f"127.0.0.1:{http_port}",
+            "SUPABASE_URL": rpc.url,
+            "SIDECAR_UPSTREAM": "rpc",
+            "LOG_FORMAT": "json",
+        }
+        child = [sys.executable, "-m", "http.server", str(dev_port), "--bind", "127.0.0.1"]
+        started = time.monotonic()
+        log_file = stack.enter_context(open(log_path, "wb"))  # noqa: ASYNC230, SIM115
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "sidecar",
+            "run",
+            "--",
+            *child,
+            env=env,
+            stdout=log_file,
+            stderr=log_file,
+        )
+        base = f"http://127.0.0.1:{http_port}"
+        dev = f"http://127.0.0.1:{dev_port}"
+        session = await stack.enter_async_context(aiohttp.ClientSession())
+        try:
+            await _wait(lambda: _ok(session, f"{base}/readyz"), 30, "sidecar ready", proc)
+            await _wait(lambda: _ok(session, f"{dev}/index.html"), 10, "dev server up", proc)
+            _say(
+                f"1. hydrated, subscribed and serving in {time.monotonic() - started:.2f}s: "
+                f"{dev}/  (health {base}/status)"
+            )
+
+            async def served(path: str, expect: bytes | None) -> bool:
+                async with session.get(f"{dev}/{path}") as r:
+                    return (
+                        (r.status == 404)
+                        if expect is None
+                        else (r.status == 200 and await r.read() == expect)
+                    )
+
+            async def step(
+                title: str, action: Awaitable[object], checks: dict[str, bytes | None]
+            ) -> None:
+                t0 = time.monotonic()
+                await action
+                for path, expect in checks.items():
+                    await _wait(lambda p=path, e=expect: served(p, e), 10, title, proc)  # type: ignore[misc]
+                _say(f"{title} ({(time.monotonic() - t0) * 1000:.0f} ms to disk and served)")
+
+            await step(
+                "2. editor saved src/app.js, the dev server serves the new bytes",
+                rpc.editor_upsert(PROJECT, "src/app.js", b"document.title = 'v2';\n"),
+                {"src/app.js": b"document.title = 'v2';\n"},
+            )
+            await step(
+                "3. editor deleted notes.txt, it is gone",
+                rpc.editor_delete(PROJECT, "notes.txt"),
+                {"notes.txt": None},
+            )
+            bulk = {
+                "src/a.js": b"export const a = 1;\n",
+                "src/b.js": b"export const b = 2;\n",
+                "src/util.js": None,
+            }
+            await step(
+                "4. a multi-file save arrived as one bulk:apply",
+                rpc.editor_bulk(PROJECT, bulk),
+                bulk,
+            )
+
+            t0 = time.monotonic()
+            (project / "src" / "generated.js").write_bytes(b"// written inside the container\n")
+            await _wait(
+                lambda: _true(rpc.head(PROJECT, "src/generated.js") is not None),
+                10,
+                "local change pushed",
+                proc,
+            )
+            _say(
+                f"5. a file written inside the container reached the database "
+                f"({(time.monotonic() - t0) * 1000:.0f} ms)"
+            )
+
+            async with session.get(f"{base}/status") as r:
+                status = await r.json()
+            _say(
+                f"6. /status: state={status['state']} ready={status['ready']} "
+                f"last_seq={status['last_seq']} counts={json.dumps(status['counts'])}"
+            )
+            if keep_running:
+                _say(f"running; Ctrl-C to stop. Metrics: {base}/metrics, logs: {log_path}")
+                await _until_interrupted(proc)
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+            code = await proc.wait()
+        tail = (await asyncio.to_thread(log_path.read_text, errors="replace")).splitlines()[-3:]
+        _say(f"7. SIGTERM: sidecar stopped the dev server and exited with {code}")
+        if code not in (0, 128 + signal.SIGTERM):
+            _say("   last log lines:\n   " + "\n   ".join(tail))
+            return code
+        _say(f"Logs (structured JSON): {log_path} (sidecar), {workdir / 'stack.log'} (servers)")
+        return 0
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _ok(session: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        async with session.get(url) as r:
+            return r.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+async def _wait(
+    check: Callable[[], Awaitable[bool]],
+    within: float,
+    what: str,
+    proc: asyncio.subprocess.Process,
+) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        if proc.returncode is not None:
+            raise RuntimeError(f"the sidecar exited with {proc.returncode} before: {what}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for: {what}")
+        await asyncio.sleep(0.02)
+
+
+async def _until_interrupted(proc: asyncio.subprocess.Process) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    try:
+        waiter = asyncio.ensure_future(proc.wait())
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        waiter.cancel()
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
