@@ -387,6 +387,7 @@ class Applier:
         """Deletes first (a file may become a directory), then writes; return what changed."""
         changed: list[str] = []
         records: dict[str, FileState] = {}
+        emptied: list[Path] = []
         current = items[0].change.path
         try:
             for it in items:
@@ -396,7 +397,7 @@ class Applier:
                     continue
                 if fsio.remove_file(it.target):
                     changed.append(c.path)
-                    fsio.prune_empty_dirs(it.target.parent, self.project_dir)
+                    emptied.append(it.target.parent)
                 records[c.path] = FileState(c.version, None, 0, 0)
             for it in items:
                 c = it.change
@@ -410,6 +411,9 @@ class Applier:
                     await self._publish_one(it)
                     changed.append(c.path)
                 records[c.path] = FileState(c.version, c.content_hash, it.size, it.mode)
+            # Pruned only now: an update in the same bulk may live in a directory a delete emptied.
+            for parent in emptied:
+                fsio.prune_empty_dirs(parent, self.project_dir)
         except OSError as exc:
             # Checks passed but the disk refused: record what is in place, then resync.
             self._record(records, {})

@@ -34,8 +34,7 @@ def _redact_rendered(_logger: Any, _name: str, rendered: str) -> str:
 def configure_logging(fmt: str = "json", level: str = "info", *, project_id: str = "local",
                       session_id: str = "local", stream: TextIO | None = None) -> None:
     """Configure structlog once (cli.py); binds project_id and session_id to every line."""
-    stream = stream or sys.stdout
-    renderer: Any = (structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    renderer: Any = (structlog.dev.ConsoleRenderer(colors=(stream or sys.stdout).isatty())
                      if fmt == "console" else structlog.processors.JSONRenderer())
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -49,7 +48,9 @@ def configure_logging(fmt: str = "json", level: str = "info", *, project_id: str
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # No explicit stream: print to whatever sys.stdout is at the time of the call.
+        logger_factory=structlog.PrintLoggerFactory(stream) if stream else
+        structlog.PrintLoggerFactory(),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.clear_contextvars()

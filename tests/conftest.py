@@ -23,3 +23,15 @@ def fast_snapshot_settings() -> SnapshotSettings:
     return SnapshotSettings(
         retries=5, backoff_initial=0.001, backoff_max=0.01, connect_timeout=2.0, read_timeout=2.0
     )
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> object:
+    """Each test starts and ends with structlog's defaults (a test may configure logging)."""
+    import structlog
+
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+    yield
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()

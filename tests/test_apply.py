@@ -391,6 +391,16 @@ async def test_bulk_applies_as_one_unit(env: Env) -> None:
     assert count(env.metrics, "bulk:apply", "applied") == 1
 
 
+@pytest.mark.parametrize("mode", ["atomic", "inplace"])
+async def test_bulk_writes_into_a_directory_its_delete_emptied(env: Env, mode: str) -> None:
+    """A bulk that deletes the last file of a directory and writes a new one there succeeds."""
+    ap = env.applier(write_mode=mode)
+    await ap.apply(upd("d/e/c.txt", b"c", 1))
+    assert await ap.apply(bulk(b_del("d/e/c.txt", 2), b_upd("d/b.txt", b"b", 1))) == "applied"
+    assert tree(env.root) == {"d/b.txt": b"b"}
+    assert empty_dirs(env.root) == []
+
+
 async def test_bulk_turns_a_file_into_a_directory(env: Env) -> None:
     """A bulk may delete file "a" and create "a/b" (deletes are published first)."""
     ap = env.applier()
