@@ -42,6 +42,7 @@ log = structlog.get_logger(component="sync")
 
 ResyncFn = Callable[[str, str | None], Awaitable[Manifest]]
 OnApplied = Callable[[list[str]], "Awaitable[None] | None"]
+REJECTED = "sidecar:rejected"  # placeholder for an invalid event that carried a seq
 REPLAY_LIMIT = 25  # what one replay can deliver (protocol notes section 5)
 
 
@@ -293,6 +294,10 @@ class SyncEngine:
             self._count("rejected")
             self.last_error = str(exc)
             log.warning("sync.event_rejected", event_name=str(event)[:64], reason=str(exc))
+            seq = payload.get("seq") if isinstance(payload, dict) else None
+            if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
+                # The producer spent this seq: hold its place so it is not mistaken for a gap.
+                return _Item(DeltaEvent(REJECTED, seq=seq), received_at)
             return None
         if ev.outbound:
             return None  # our own snapshot:request / file:local-change echoed back
@@ -425,6 +430,9 @@ class SyncEngine:
 
     async def _apply_one(self, item: _Item) -> None:
         ev = item.ev
+        if ev.event == REJECTED:
+            self._advance_seq(item)  # counted when it was parsed
+            return
         outcome = "rejected"
         resync: str | None = None
         try:

@@ -389,6 +389,28 @@ async def test_hostile_events_counted_and_skipped(tmp_path: Path) -> None:
         assert r.engine.last_seq == 1
 
 
+async def test_rejected_event_with_a_seq_is_not_a_gap(tmp_path: Path) -> None:
+    """An invalid event still spends its seq: the next one applies without a rejoin or a
+    snapshot:request."""
+    async with rig(tmp_path) as r:
+        r.engine.mark_hydrated(Manifest("p1", "s", 0, {}, seq=0))
+        r.feed(r.db.update("a.txt", "1"))
+        r.db.seq += 1
+        unsafe = {
+            "file_path": "../x",
+            "content": "x",
+            "content_hash": sha(b"x"),
+            "version": 1,
+            "seq": r.db.seq,
+        }
+        r.feed(("file:update", unsafe, None))
+        r.feed(r.db.update("b.txt", "2"))
+        await r.until(lambda: r.converged() and r.engine.last_seq == r.db.seq)
+        assert r.engine.counts["rejected"] == 1
+        assert r.link.rejoins == []
+        assert [e for e, _ in r.link.sent] == []
+
+
 async def test_hash_mismatch_requests_snapshot(tmp_path: Path) -> None:
     """ResyncNeeded from the Applier (bytes do not match content_hash) leads to a
     snapshot:request and convergence on the answer."""
