@@ -42,7 +42,9 @@ def configure_logging(fmt: str = "json", level: str = "info", *, project_id: str
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if fmt == "json":
-        processors.append(structlog.processors.dict_tracebacks)
+        # Frame locals could hold a token: tracebacks carry code and line only.
+        processors.append(structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
     processors += [redact_processor, renderer, _redact_rendered]
     structlog.configure(
         processors=processors,
