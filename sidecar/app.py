@@ -32,7 +32,7 @@ from sidecar.manifest import Manifest
 from sidecar.metrics import Metrics
 from sidecar.redact import redact
 from sidecar.state import StateStore
-from sidecar.subscription import Subscription
+from sidecar.subscription import Subscription, SubscriptionTuning
 from sidecar.sync import SyncEngine, SyncTuning
 from sidecar.upstream import Upstream
 
@@ -138,7 +138,8 @@ async def _main(settings: Settings, cmd: tuple[str, ...], *, hydrate_first: bool
                     # After hydration: the published tree is what the state records, not news.
                     local = rt.localsync
                     tg.create_task(
-                        local.run(local.watcher(ignore=settings.sync.ignore)), name="localsync"
+                        local.run(local.watcher(ignore=settings.sync.ignore, initial_scan=True)),
+                        name="localsync",
                     )
                 await _after_hydrate(settings, reaper, rt)
                 if cmd:
@@ -218,6 +219,7 @@ def _start_sync(
         rt.metrics,
         engine.on_message,
         replay_since_ms=replay_since if isinstance(replay_since, int) else None,
+        tuning=SubscriptionTuning(auth_fail_window=settings.realtime.auth_fail_window),
     )
     engine.link = sub
     rt.engine, rt.subscription = engine, sub

@@ -446,7 +446,8 @@ class Supervisor:
         child = self._child
         if child is None or child.pid is None:
             return None
-        return await child.stop()
+        self.exit_code = await child.stop()
+        return self.exit_code
 
     def _stop_requested(self) -> bool:
         # A method, not the attribute: stop() flips it while run() awaits (mypy would narrow it).

@@ -33,8 +33,18 @@ LogFormat = Literal["json", "console"]
 _FORBIDDEN_ENV = ("SUPABASE_SERVICE_ROLE_KEY", "SERVICE_ROLE_KEY", "SUPABASE_SECRET_KEY")
 _SB_SECRET = re.compile(r"^sb_secret_")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
-               "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "m": 1000**2,
+    "g": 1000**3,
+    "t": 1000**4,
+    "ki": 1024,
+    "mi": 1024**2,
+    "gi": 1024**3,
+    "ti": 1024**4,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +82,7 @@ class RealtimeSettings:
     heartbeat_window: float = 60.0
     rebuild_backoff_initial: float = 0.5
     rebuild_backoff_max: float = 30.0
+    auth_fail_window: float = 120.0  # refusals with no newer token for this long are fatal
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +92,16 @@ class SyncSettings:
     upstream: Literal["none", "rpc"] = "none"
     supabase_url: str | None = None
     conflict: ConflictPolicy = "remote-wins"
-    ignore: tuple[str, ...] = ("node_modules", ".git", "dist", "build", ".next", ".cache",
-                               "__pycache__", ".venv")
+    ignore: tuple[str, ...] = (
+        "node_modules",
+        ".git",
+        "dist",
+        "build",
+        ".next",
+        ".cache",
+        "__pycache__",
+        ".venv",
+    )
     local_changes: bool = True
 
 
@@ -111,7 +130,9 @@ class Settings:
     log_format: LogFormat = "json"
     log_level: str = "info"
     after_hydrate: tuple[str, ...] = ()
-    on_change: tuple[tuple[str, str], ...] = ()  # (glob, action) where action is "restart" or a command
+    on_change: tuple[
+        tuple[str, str], ...
+    ] = ()  # (glob, action) where action is "restart" or a command
     restart_child: bool = False
     stop_grace: float = 10.0
 
@@ -139,8 +160,10 @@ class Settings:
         if token is not None:
             claims = jwt_claims(token)
             if claims.get("role") == "service_role":
-                p.problems.append("REALTIME_TOKEN has role service_role; refusing to start "
-                                  "with a key that can read every project")
+                p.problems.append(
+                    "REALTIME_TOKEN has role service_role; refusing to start "
+                    "with a key that can read every project"
+                )
         rt_url = p.text("REALTIME_URL", "") or None
         if rt_url is not None and urlsplit(rt_url).scheme not in {"http", "https", "ws", "wss"}:
             p.problems.append("REALTIME_URL must be an http(s):// or ws(s):// URL")
@@ -193,18 +216,19 @@ class Settings:
                 topic=f"project:{project_id}",
                 heartbeat_window=p.seconds("SIDECAR_HEARTBEAT_WINDOW", 60.0),
                 rebuild_backoff_initial=p.seconds("SIDECAR_REBUILD_BACKOFF", 0.5),
+                auth_fail_window=p.seconds("SIDECAR_AUTH_FAIL_WINDOW", 120.0),
             ),
             sync=SyncSettings(
                 upstream=p.choice("SIDECAR_UPSTREAM", ("none", "rpc"), "none"),  # type: ignore[arg-type]
                 supabase_url=p.text("SUPABASE_URL", "") or None,
-                conflict=p.choice("SIDECAR_CONFLICT", ("remote-wins", "local-wins", "merge"),
-                                  "remote-wins"),  # type: ignore[arg-type]
+                conflict=p.choice(
+                    "SIDECAR_CONFLICT", ("remote-wins", "local-wins", "merge"), "remote-wins"
+                ),  # type: ignore[arg-type]
                 ignore=SyncSettings().ignore + ignore_extra,
                 local_changes=p.flag("SIDECAR_LOCAL_CHANGES", True),
             ),
             http=http,
-            log_format=p.choice("LOG_FORMAT", ("json", "console"),
-                                "console" if isatty else "json"),  # type: ignore[arg-type]
+            log_format=p.choice("LOG_FORMAT", ("json", "console"), "console" if isatty else "json"),  # type: ignore[arg-type]
             log_level=p.choice("LOG_LEVEL", ("debug", "info", "warning", "error"), "info"),
             after_hydrate=tuple(shlex.split(p.text("SIDECAR_AFTER_HYDRATE", ""))),
             on_change=tuple(on_change),
@@ -238,9 +262,10 @@ def _refuse_service_role(env: Mapping[str, str], problems: list[str]) -> None:
     for name, value in env.items():
         if _SB_SECRET.match(value or ""):
             problems.append(f"{name} holds an sb_secret_ key; the sidecar never runs with one")
-        elif name in {"REALTIME_APIKEY", "SUPABASE_ANON_KEY"} and jwt_claims(value).get(
-            "role"
-        ) == "service_role":
+        elif (
+            name in {"REALTIME_APIKEY", "SUPABASE_ANON_KEY"}
+            and jwt_claims(value).get("role") == "service_role"
+        ):
             problems.append(f"{name} is a service_role key; use the anon/publishable key")
 
 

@@ -34,10 +34,10 @@ def redact_url(url: str) -> str:
 def redact(value: Any) -> Any:
     """Redact secrets inside a string, or inside the strings of a list, tuple or dict."""
     if isinstance(value, str):
+        value = _URL_QUERY.sub(r"\1?<redacted>", value)
         for secret in _known:
             if secret in value:
                 value = value.replace(secret, "<redacted>")
-        value = _URL_QUERY.sub(r"\1?<redacted>", value)
         value = _JWT.sub("<redacted-jwt>", value)
         return _SB_KEY.sub("<redacted-key>", value)
     if isinstance(value, dict):
