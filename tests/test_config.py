@@ -88,7 +88,7 @@ def test_every_problem_is_listed_at_once() -> None:
 )
 def test_service_role_credentials_are_refused(env: dict[str, str]) -> None:
     """Any service-role credential in the environment stops the sidecar from starting."""
-    with pytest.raises(ConfigError, match="service|sb_secret"):
+    with pytest.raises(ConfigError, match=r"service|sb_secret"):
         Settings.from_env(env)
 
 
