@@ -176,7 +176,9 @@ class Applier:
                 lag = max(0.0, now - ev.timestamp)
                 self.metrics.apply_lag.observe(lag)
                 lag_ms = round(lag * 1000, 1)
-        log.debug(
+        # Every write is an info line (path, version, outcome, lag); skips are debug.
+        emit = log.info if outcome == "applied" else log.debug
+        emit(
             f"apply.{outcome}",
             event_type=ev.event,
             path=ev.changes[0].path,

@@ -507,7 +507,9 @@ async def _spawn(
     return proc, [fout.close, ferr.close]
 
 
-def _sidecar_argv(cmd: Sequence[str], wrap: Sequence[str]) -> list[str]:
+def _sidecar_argv(cmd: Sequence[str], wrap: Sequence[str], subcommand: str = "run") -> list[str]:
+    if subcommand != "run":
+        return [*wrap, sys.executable, "-m", "sidecar", subcommand]
     return [*wrap, sys.executable, "-m", "sidecar", "run", "--", *cmd]
 
 
@@ -526,6 +528,7 @@ async def running_sidecar(
     ready_timeout: float = 30.0,
     wrap: Sequence[str] = (),
     name: str = "sidecar",
+    subcommand: str = "run",
 ) -> AsyncIterator[Sidecar]:
     """Run `python -m sidecar run -- CMD` against `stack`; yield a Sidecar once /readyz is 200.
 
@@ -545,7 +548,11 @@ async def running_sidecar(
         overrides=env_overrides,
     )
     proc, closers = await _spawn(
-        _sidecar_argv(cmd, wrap), env, tmp_path, tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+        _sidecar_argv(cmd, wrap, subcommand),
+        env,
+        tmp_path,
+        tmp_path / f"{name}.out",
+        tmp_path / f"{name}.err",
     )
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
     sc = Sidecar(

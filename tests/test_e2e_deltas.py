@@ -22,6 +22,9 @@ from tests.e2e_stack import (
     Sidecar,
     Stack,
     atomic_write,
+    base_env,
+    read_tree,
+    run_sidecar,
     running_sidecar,
     until_wall_clock,
 )
@@ -49,6 +52,23 @@ async def test_update_delete_and_bulk_reach_disk(tmp_path: Path) -> None:
         await sc.wait(_seq_caught_up(sc, stack), "/status last_seq caught up")
         status = await sc.status()
         assert status["counts"].get("applied", 0) >= 3, status
+
+
+async def test_hydrate_then_sync_as_separate_commands(tmp_path: Path) -> None:
+    """`sidecar hydrate` (init-container mode) then `sidecar sync` keeps the tree in sync and
+    logs each applied event with its path, version, outcome and lag."""
+    async with Stack() as stack:
+        project = tmp_path / "sync-project"
+        code, _out, err = await run_sidecar(["hydrate"], base_env(stack, project), tmp_path)
+        assert code == 0, err
+        assert read_tree(project) == stack.files()
+        async with running_sidecar(stack, tmp_path, subcommand="sync", name="sync") as sc:
+            await stack.rpc.editor_upsert(stack.project, "src/new.js", b"new\n")
+            await sc.wait_file("src/new.js", b"new\n")
+            line = await sc.wait_log("apply.applied", where=lambda e: e["path"] == "src/new.js")
+            assert line["version"] == 1
+            assert line["lag_ms"] is not None
+            assert not sc.events("snapshot.hydrate_started")
 
 
 async def test_edit_between_snapshot_and_subscription_is_replayed(tmp_path: Path) -> None:
