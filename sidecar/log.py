@@ -15,8 +15,9 @@ from sidecar.redact import redact
 __all__ = ["configure_logging", "redact_processor"]
 
 
-def redact_processor(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]
-                     ) -> MutableMapping[str, Any]:
+def redact_processor(
+    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     """Redact every value, including exception text, before it is rendered."""
     for key, value in list(event_dict.items()):
         if isinstance(value, BaseException):
@@ -31,11 +32,20 @@ def _redact_rendered(_logger: Any, _name: str, rendered: str) -> str:
     return redact(rendered)  # type: ignore[no-any-return]
 
 
-def configure_logging(fmt: str = "json", level: str = "info", *, project_id: str = "local",
-                      session_id: str = "local", stream: TextIO | None = None) -> None:
+def configure_logging(
+    fmt: str = "json",
+    level: str = "info",
+    *,
+    project_id: str = "local",
+    session_id: str = "local",
+    stream: TextIO | None = None,
+) -> None:
     """Configure structlog once (cli.py); binds project_id and session_id to every line."""
-    renderer: Any = (structlog.dev.ConsoleRenderer(colors=(stream or sys.stdout).isatty())
-                     if fmt == "console" else structlog.processors.JSONRenderer())
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=(stream or sys.stdout).isatty())
+        if fmt == "console"
+        else structlog.processors.JSONRenderer()
+    )
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -43,16 +53,21 @@ def configure_logging(fmt: str = "json", level: str = "info", *, project_id: str
     ]
     if fmt == "json":
         # Frame locals could hold a token: tracebacks carry code and line only.
-        processors.append(structlog.processors.ExceptionRenderer(
-            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
+        processors.append(
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+        )
     processors += [redact_processor, renderer, _redact_rendered]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]),
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
         # No explicit stream: print to whatever sys.stdout is at the time of the call.
-        logger_factory=structlog.PrintLoggerFactory(stream) if stream else
-        structlog.PrintLoggerFactory(),
+        logger_factory=structlog.PrintLoggerFactory(stream)
+        if stream
+        else structlog.PrintLoggerFactory(),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.clear_contextvars()

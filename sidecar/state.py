@@ -84,8 +84,11 @@ class StateStore:
 
     # -- writes (one transaction each) --
 
-    def update(self, changes: Mapping[str, FileState | None] | None = None,
-               meta: Mapping[str, object] | None = None) -> None:
+    def update(
+        self,
+        changes: Mapping[str, FileState | None] | None = None,
+        meta: Mapping[str, object] | None = None,
+    ) -> None:
         """Apply changes (None removes the row entirely) and meta updates atomically."""
         changes = changes or {}
         meta = meta or {}
@@ -98,10 +101,12 @@ class StateStore:
                     else:
                         self._db.execute(
                             "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?)",
-                            (path, st.version, st.sha256, st.size, st.mode))
+                            (path, st.version, st.sha256, st.size, st.mode),
+                        )
                 for key, value in meta.items():
-                    self._db.execute("INSERT OR REPLACE INTO meta VALUES (?,?)",
-                                     (key, json.dumps(value)))
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO meta VALUES (?,?)", (key, json.dumps(value))
+                    )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -113,8 +118,9 @@ class StateStore:
                     self._files[path] = st
             self._meta.update(meta)
 
-    def replace_all(self, files: Iterable[tuple[str, FileState]],
-                    meta: Mapping[str, object]) -> None:
+    def replace_all(
+        self, files: Iterable[tuple[str, FileState]], meta: Mapping[str, object]
+    ) -> None:
         """Forget everything and record a freshly published snapshot's tree."""
         new = dict(files)
         with self._lock:
@@ -123,10 +129,12 @@ class StateStore:
                 self._db.execute("DELETE FROM files")
                 self._db.executemany(
                     "INSERT INTO files VALUES (?,?,?,?,?)",
-                    ((p, s.version, s.sha256, s.size, s.mode) for p, s in new.items()))
+                    ((p, s.version, s.sha256, s.size, s.mode) for p, s in new.items()),
+                )
                 for key, value in meta.items():
-                    self._db.execute("INSERT OR REPLACE INTO meta VALUES (?,?)",
-                                     (key, json.dumps(value)))
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO meta VALUES (?,?)", (key, json.dumps(value))
+                    )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

@@ -274,4 +274,6 @@ async def test_editor_bulk_broadcasts_one_unit(tmp_path) -> None:
         topic, event, payload = seen[-1]
         assert (topic, event, payload["seq"], seq) == ("project:p", "bulk:apply", 2, 2)
         assert [(f["action"], f["file_path"]) for f in payload["files"]] == [
-            ("update", "a.txt"), ("delete", "gone.txt")]
+            ("update", "a.txt"),
+            ("delete", "gone.txt"),
+        ]

@@ -336,8 +336,9 @@ class RpcServer:
         """Delete a file as the editor does; the tombstone's version."""
         return await self._delete(project_id, path, expected_version, sender)
 
-    async def editor_bulk(self, project_id: str, changes: Mapping[str, bytes | None], *,
-                          sender: str = "editor") -> int:
+    async def editor_bulk(
+        self, project_id: str, changes: Mapping[str, bytes | None], *, sender: str = "editor"
+    ) -> int:
         """Apply several writes (None deletes) as one transaction and broadcast a single
         `bulk:apply` with one seq, as a multi-file save would; returns that seq."""
         async with self._lock(project_id):
@@ -356,15 +357,25 @@ class RpcServer:
                 else:
                     ftype = "text" if _is_utf8(data) else "binary"
                     rows[path] = Row(version, data, ftype, now, sender)
-                    files.append({"action": "update", "file_path": path, "version": version,
-                                  "content_b64": base64.b64encode(data).decode(),
-                                  "content_hash": hashlib.sha256(data).hexdigest()})
+                    files.append(
+                        {
+                            "action": "update",
+                            "file_path": path,
+                            "version": version,
+                            "content_b64": base64.b64encode(data).decode(),
+                            "content_hash": hashlib.sha256(data).hexdigest(),
+                        }
+                    )
                 self.history.append(Revision(project_id, path, version, data, sender, seq, now))
             if not files:
                 return self._seq.get(project_id, 0)
             self._seq[project_id] = seq
-            payload: dict[str, Any] = {"files": files, "seq": seq,
-                                       "timestamp": int(now * 1000), "sender": sender}
+            payload: dict[str, Any] = {
+                "files": files,
+                "seq": seq,
+                "timestamp": int(now * 1000),
+                "sender": sender,
+            }
             topic = f"project:{project_id}"
             for listener in list(self._listeners):
                 listener(topic, "bulk:apply", dict(payload))
