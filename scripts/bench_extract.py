@@ -73,7 +73,7 @@ def run_writer(archive: Path, dest: Path, thread: bool) -> tuple[float, float, f
     """
     dest.mkdir(parents=True)
     code = (
-        "import sys, time, resource\n"
+        "import sys, time\n"
         "from pathlib import Path\n"
         "from sidecar.config import Limits\n"
         "from sidecar.extract import SnapshotWriter, new_staging_dir\n"
@@ -88,7 +88,9 @@ def run_writer(archive: Path, dest: Path, thread: bool) -> tuple[float, float, f
         "        w.feed(chunk)\n"
         "w.publish(state)\n"
         "print(time.perf_counter() - t0)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        # VmHWM, not ru_maxrss: the latter also counts this parent's RSS at exec time.
+        "print(next(int(l.split()[1]) for l in open('/proc/self/status')\n"
+        "           if l.startswith('VmHWM:')) / 1024)\n"
     )
     c0 = _child_cpu()
     args = [sys.executable, "-c", code, str(archive), str(dest), "1" if thread else "0"]

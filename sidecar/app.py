@@ -36,7 +36,7 @@ from sidecar.subscription import Subscription, SubscriptionTuning
 from sidecar.sync import SyncEngine, SyncTuning
 from sidecar.upstream import Upstream
 
-__all__ = ["Runtime", "hydrate_once", "run", "sync_only"]
+__all__ = ["Runtime", "run", "sync_only"]
 
 log = structlog.get_logger(component="sidecar")
 
@@ -61,21 +61,6 @@ class Runtime:
     engine: SyncEngine | None = None
     subscription: Subscription | None = None
     localsync: LocalSync | None = None
-
-
-async def hydrate_once(settings: Settings) -> int:
-    """`sidecar hydrate`: hydrate and verify PROJECT_DIR, then return 0."""
-    if settings.snapshot.url is None:
-        raise ConfigError("SNAPSHOT_URL is required for `sidecar hydrate`")
-    metrics = Metrics(settings.project_id, settings.session_id)
-    settings.project_dir.mkdir(parents=True, exist_ok=True)
-    state = StateStore(settings.state_dir)
-    try:
-        manifest = await hydrate(settings, state, metrics)
-    finally:
-        state.close()
-    log.info("sidecar.hydrated", snapshot_id=manifest.snapshot_id, files=len(manifest.files))
-    return 0
 
 
 async def run(settings: Settings, cmd: tuple[str, ...]) -> int:

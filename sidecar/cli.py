@@ -87,16 +87,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
-    from sidecar import app
-
+    # Imports live in the branches: `sidecar hydrate` then loads only the download/extract path
+    # (no realtime, pydantic, watchfiles), which keeps its start-up time and memory small.
     if args.command == "run":
+        from sidecar import app
+
         cmd = list(args.cmd)
         if cmd and cmd[0] == "--":
             cmd = cmd[1:]
         return await app.run(settings, tuple(cmd))
     if args.command == "hydrate":
-        return await app.hydrate_once(settings)
+        from sidecar.hydrate import hydrate_once
+
+        return await hydrate_once(settings)
     if args.command == "sync":
+        from sidecar import app
+
         return await app.sync_only(settings)
     if args.command == "snapshot":
         from sidecar.snapshot_build import build_snapshot

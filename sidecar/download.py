@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
@@ -26,8 +26,10 @@ import structlog
 
 from sidecar.config import SnapshotSettings
 from sidecar.errors import SnapshotExpiredError, SnapshotInvalidError, SnapshotUnavailableError
-from sidecar.metrics import Metrics
 from sidecar.redact import redact, redact_url
+
+if TYPE_CHECKING:
+    from sidecar.metrics import Metrics
 
 __all__ = ["ChunkSink", "DownloadResult", "backoff_delay", "download"]
 

@@ -17,7 +17,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,15 @@ import zstandard
 
 from sidecar.config import Limits
 from sidecar.errors import SidecarError, SnapshotInvalidError, UnsafePathError
-from sidecar.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileEntry, Manifest, check_limits
+from sidecar.manifest import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    FileEntry,
+    Manifest,
+    check_limits,
+    decode_manifest,
+    is_plain_path,
+)
 from sidecar.paths import STATE_DIR_NAME, check_rel_path, is_reserved
 from sidecar.state import FileState, StateStore
 from sidecar.tarstream import BLOCK, MemberType, TarMember, TarReader
@@ -43,14 +51,15 @@ __all__ = [
 ]
 
 log = structlog.get_logger(component="extract")
+_sha256 = hashlib.sha256
 
 MAX_WINDOW_BYTES = 1 << 24  # zstd window (decoder memory); level 19 needs 8 MiB, --long more
 MAX_EXT_BYTES = 64 * 1024  # pax / GNU long-name data per member (paths are at most 4 KiB)
 MEMBER_OVERHEAD = 4096  # decompressed bytes allowed per member beyond its data (header, pax)
 DIR_OVERHEAD = 2048  # decompressed bytes allowed per directory member
 EXTRA_DIRS = 10_000  # directory members allowed beyond the manifest's own parent dirs
-DECOMPRESS_CHUNK = 1 << 20  # decompressed bytes handed to the tar reader at a time
-QUEUE_DEPTH = 4  # decompressed chunks in flight to the helper thread
+DECOMPRESS_CHUNK = 1 << 18  # decompressed bytes handed to the tar reader at a time
+QUEUE_DEPTH = 4  # batches (each at most one decompressed chunk) queued for the writer thread
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _SYMLINK_MODE = stat.S_IFLNK | 0o777  # FileState.mode marker for symlinks
 
@@ -201,38 +210,49 @@ class _Frames:
             self._skip_then(int.from_bytes(raw, "little"), self._MAGIC)
 
 
-_FILE, _DATA, _END, _WHOLE, _MKDIR, _SYMLINK = range(6)
-_END_OP = (_END,)
+# File-system operations the parser hands to the writer, as tuples (code, ...):
+#   (_WHOLE, path, mode, data, sha256)  check data, create path with it, close it
+#   (_OPEN, path, mode, sha256)         create path; (_DATA, data) append; (_CLOSE,) close, check
+#   (_MKDIR, path)                      (_SYMLINK, path, target)
+_WHOLE, _OPEN, _DATA, _CLOSE, _MKDIR, _SYMLINK = range(6)
+_CLOSE_OP = (_CLOSE,)
 
 
 class _Pipe:
-    """Hands decompressed chunks to one helper thread that parses them and writes the files.
+    """Hands batches of file-system operations to one helper thread that performs them.
 
-    The calling thread keeps only zstd (which releases the GIL), so the two threads trade the
-    GIL once per chunk rather than once per system call. The queue is small and bounded, so
-    memory stays bounded; the helper's first error is kept and raised by `check()`/`close()`.
+    The calling thread decompresses (zstd releases the GIL) and parses; the helper hashes
+    (hashlib releases the GIL) and makes the system calls. Both halves cost about the same, and
+    the parser's long GIL-free decompression lets the helper's many short steps through. The
+    queue is small and bounded (a batch references at most one decompressed chunk), so memory
+    stays bounded; the helper's first error is kept and raised by `check()`/`close()`.
     """
 
-    def __init__(self, process: Callable[[bytes], None]) -> None:
-        self._process = process
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUE_DEPTH)
+    def __init__(self, execute: Callable[[list[tuple[Any, ...]]], None]) -> None:
+        self._execute = execute
+        self._queue: queue.SimpleQueue[list[tuple[Any, ...]] | None] = queue.SimpleQueue()
+        # Free slots as tokens: SimpleQueue blocks in C, cheaper than threading.Semaphore.
+        self._slots: queue.SimpleQueue[None] = queue.SimpleQueue()
+        for _ in range(QUEUE_DEPTH):
+            self._slots.put(None)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._discard = False
         self._stopped = False
 
-    def put(self, data: bytes) -> None:
+    def put(self, batch: list[tuple[Any, ...]]) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="sidecar-extract", daemon=True)
             self._thread.start()
-        self._queue.put(data)
+        self._slots.get()
+        self._queue.put(batch)
 
     def check(self) -> None:
         if self._error is not None:
             raise self._error
 
     def close(self) -> None:
-        """Wait until every chunk was processed; raise the helper's first error."""
+        """Wait until every batch was performed; raise the helper's first error."""
         self.stop(discard=False)
         self.check()
 
@@ -244,18 +264,22 @@ class _Pipe:
             self._thread.join()
 
     def _run(self) -> None:
-        get = self._queue.get
-        while (data := get()) is not None:
-            if self._error is not None or self._discard:
-                continue  # drain, so the producer never blocks
-            try:
-                self._process(data)
-            except BaseException as exc:  # noqa: BLE001 - handed to the producer thread
-                self._error = exc
+        get, release, execute = self._queue.get, self._slots.put, self._execute
+        while (batch := get()) is not None:
+            if self._error is None and not self._discard:
+                try:
+                    execute(batch)
+                except BaseException as exc:  # noqa: BLE001 - handed to the producer thread
+                    self._error = exc
+            del batch  # drop the chunk references before the producer may queue another
+            release(None)
 
 
 class _FsWriter:
-    """Runs the file-system operations the parser emits: open, hash, write, close, in order."""
+    """Performs the file-system operations the parser emits, in order, and hashes every file it
+    writes: content that does not match the manifest's sha256 raises SnapshotInvalidError (a
+    whole file before it is created, a file that spans chunks when it is complete).
+    """
 
     def __init__(self, root: str, umask: int) -> None:
         self._root = root
@@ -272,53 +296,52 @@ class _FsWriter:
             self._fd = -1
 
     def execute(self, batch: list[tuple[Any, ...]]) -> None:
-        root, umask, write, sha256 = self._root, self._umask, os.write, hashlib.sha256
-        fd, h, path, sha = self._fd, self._hash, self._path, self._sha
+        root, umask, flags, sha256 = self._root, self._umask, _OPEN_FLAGS, _sha256
+        write, open_, close = os.write, os.open, os.close
+        fd, h = self._fd, self._hash
         try:
             for op in batch:
                 code = op[0]
-                if code == _DATA:
-                    chunk = op[1]
-                    h.update(chunk)
-                    if fd >= 0:
-                        done = write(fd, chunk)
-                        while done < len(chunk):
-                            done += write(fd, chunk[done:])
-                elif code == _WHOLE:
-                    _, path, mode, sha, skip, chunk = op
-                    if not skip:
-                        fd = os.open(root + path, _OPEN_FLAGS, mode)
-                        if mode & ~umask != mode:
-                            os.fchmod(fd, mode)
-                        done = write(fd, chunk)
-                        while done < len(chunk):
-                            done += write(fd, chunk[done:])
-                        os.close(fd)
-                        fd = -1
-                    _check_digest(path, sha256(chunk).hexdigest(), sha)
-                elif code == _FILE:
-                    _, path, mode, sha, skip = op
+                if code == _WHOLE:
+                    _, path, mode, data, sha = op
+                    if sha256(data).hexdigest() != sha:
+                        raise _digest_error(path)
+                    fd = open_(root + path, flags, mode)
+                    if mode & umask:  # the umask took bits the manifest wants
+                        os.fchmod(fd, mode)
+                    done = write(fd, data)
+                    while done < len(data):
+                        done += write(fd, data[done:])
+                    close(fd)
+                    fd = -1
+                elif code == _DATA:
+                    data = op[1]
+                    h.update(data)
+                    done = write(fd, data)
+                    while done < len(data):
+                        done += write(fd, data[done:])
+                elif code == _OPEN:
+                    _, path, mode, sha = op
+                    fd = open_(root + path, flags, mode)
+                    if mode & umask:
+                        os.fchmod(fd, mode)
                     h = sha256()
-                    if not skip:
-                        fd = os.open(root + path, _OPEN_FLAGS, mode)
-                        if mode & ~umask != mode:
-                            os.fchmod(fd, mode)
-                elif code == _END:
-                    if fd >= 0:
-                        os.close(fd)
-                        fd = -1
-                    _check_digest(path, h.hexdigest(), sha)
+                    self._path, self._sha = path, sha
+                elif code == _CLOSE:
+                    close(fd)
+                    fd = -1
+                    if h.hexdigest() != self._sha:
+                        raise _digest_error(self._path)
                 elif code == _MKDIR:
-                    Path(root + op[1]).mkdir(0o755)
+                    os.mkdir(root + op[1], 0o755)  # noqa: PTH102 - hot loop: no Path objects
                 else:
-                    Path(root + op[1]).symlink_to(op[2])
+                    os.symlink(op[2], root + op[1])  # noqa: PTH211 - same
         finally:
-            self._fd, self._hash, self._path, self._sha = fd, h, path, sha
+            self._fd, self._hash = fd, h
 
 
-def _check_digest(path: str, got: str, want: str) -> None:
-    if got != want:
-        raise SnapshotInvalidError(f"{path!r}: content does not match the manifest sha256")
+def _digest_error(path: str) -> SnapshotInvalidError:
+    return SnapshotInvalidError(f"{path!r}: content does not match the manifest sha256")
 
 
 class SnapshotWriter:
@@ -333,8 +356,9 @@ class SnapshotWriter:
     QuotaExceededError; after an error the writer is dead and `abort()` removes staging.
     Usable as a context manager: leaving the block without `publish()` aborts.
 
-    Internally the calling thread decompresses while one helper thread parses, hashes and
-    writes; errors found there surface on the next `feed()` or in `finish()`.
+    Internally the calling thread decompresses and parses, while one helper thread hashes and
+    performs the system calls (create, write, close, mkdir); an error found there (a sha256
+    mismatch, a full disk) surfaces on the next `feed()` or in `finish()`.
     `write_thread=False` does everything in the calling thread. Not thread-safe: call every
     method from one thread (the one feeding it).
     """
@@ -378,7 +402,7 @@ class SnapshotWriter:
         self._tar = TarReader(self, max_ext_bytes=MAX_EXT_BYTES)
         dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_BYTES)
         sink: Any = _Sink(self._on_output)  # anything with write(); typed as IO[bytes] upstream
-        self._zw = dctx.stream_writer(sink, write_size=DECOMPRESS_CHUNK)
+        self._zw: Any = dctx.stream_writer(sink, write_size=DECOMPRESS_CHUNK)
         self._budget = MAX_MANIFEST_BYTES + 2 * MAX_EXT_BYTES + 4 * BLOCK
 
         # Parser-side state (calling thread).
@@ -390,11 +414,16 @@ class SnapshotWriter:
         self._max_dirs = 0
         self._manifest_buf: bytearray | None = None
         self._manifest_sha = ""
-        self._in_file = False
+        self._in_file = False  # inside a regular file's data (begin/data/end)
+        self._skip = False  # ... whose bytes are already on disk: hash here, do not write
+        self._hash: Any = None  # ... its running sha256 (only when skipped)
+        self._cur: FileEntry | None = None
+        # The state knows files: worth asking whether each one is already in place.
+        self._known = state is not None and any(True for _ in state.items())
         self._bytes_written = 0
         self._ops: list[tuple[Any, ...]] = []  # file-system work for the current chunk
         self._fs = _FsWriter(self._root, _current_umask())
-        self._pipe = _Pipe(self._process) if write_thread else None
+        self._pipe = _Pipe(self._fs.execute) if write_thread else None
 
     # -- context manager --
 
@@ -459,6 +488,7 @@ class SnapshotWriter:
     def _check_complete(self) -> Manifest:
         if self._pipe is not None:
             self._pipe.close()  # the helper's own error, if any, is the real cause
+        self._zw = None  # the stream has ended: free the decoder's window now
         if self.bytes_in == 0:
             raise SnapshotInvalidError("snapshot is empty")
         if not self._frames.at_boundary:
@@ -498,13 +528,7 @@ class SnapshotWriter:
     # -- decompressed bytes --
 
     def _on_output(self, data: bytes) -> None:
-        if self._pipe is not None:
-            self._pipe.put(data)
-        else:
-            self._process(data)
-
-    def _process(self, data: bytes) -> None:
-        """Parse one decompressed chunk and run the file work it implies (helper thread)."""
+        """Parse one decompressed chunk and pass on the file-system work it implies."""
         self.bytes_out += len(data)
         if self.bytes_out > self._budget:
             if self.manifest is None:
@@ -513,9 +537,13 @@ class SnapshotWriter:
                 f"decompressed stream exceeds what the manifest declares ({self._budget} bytes)"
             )
         self._tar.feed(data)
-        if self._ops:
-            ops, self._ops = self._ops, []
-            self._fs.execute(ops)
+        ops = self._ops
+        if ops:
+            self._ops = []
+            if self._pipe is not None:
+                self._pipe.put(ops)
+            else:
+                self._fs.execute(ops)
 
     # -- TarHandler --
 
@@ -569,23 +597,26 @@ class SnapshotWriter:
             self.data(data)
             self.end()
             return
-        skip = self._claim_file(name, entry, member.size)
-        self._ops.append((_WHOLE, name, entry.mode, entry.sha256, skip, data))
+        if not self._claim_file(name, entry, member.size):
+            self._ops.append((_WHOLE, entry.path, entry.mode, data, entry.sha256))
+        elif _sha256(data).hexdigest() != entry.sha256:  # already on disk: only verify
+            raise _digest_error(name)
         self.files_done += 1
 
     def data(self, chunk: memoryview) -> None:
         """TarHandler: member bytes."""
         if self._in_file:
-            self._ops.append((_DATA, chunk))
+            if self._hash is not None:
+                self._hash.update(chunk)
+            if not self._skip:
+                self._ops.append((_DATA, chunk))
         elif self._manifest_buf is not None:
             self._manifest_buf += chunk
 
     def end(self) -> None:
         """TarHandler: the member is complete."""
         if self._in_file:
-            self._ops.append(_END_OP)
-            self._in_file = False
-            self.files_done += 1
+            self._end_file()
         elif self._manifest_buf is not None:
             raw = self._manifest_buf
             self._manifest_buf = None
@@ -593,7 +624,7 @@ class SnapshotWriter:
 
     @staticmethod
     def _checked(name: str) -> str:
-        path = check_rel_path(name)
+        path = name if is_plain_path(name) else check_rel_path(name)
         if is_reserved(path) or path == MANIFEST_NAME:
             raise UnsafePathError(f"archive member uses a reserved path: {path!r}")
         return path
@@ -610,63 +641,79 @@ class SnapshotWriter:
         self._manifest_buf = bytearray()
 
     def _set_manifest(self, raw: bytearray) -> None:
-        manifest = Manifest.parse(raw)  # type: ignore[arg-type]  # json.loads takes bytearray
         self._manifest_sha = hashlib.sha256(raw).hexdigest()
-        del raw
+        text = decode_manifest(raw)
+        raw.clear()  # release the bytes before the entries are built (lower peak memory)
+        manifest = Manifest.parse(text)
+        del text
         if self._project_id is not None and manifest.project_id != self._project_id:
             raise SnapshotInvalidError(
                 f"snapshot is for project {manifest.project_id!r}, not {self._project_id!r}"
             )
-        for entry in manifest.files.values():
-            if entry.target is not None and (
-                entry.sha256 != hashlib.sha256(entry.target.encode()).hexdigest()
-                or entry.size != len(entry.target.encode())
-            ):
-                raise SnapshotInvalidError(
-                    f"manifest entry {entry.path!r}: a symlink's size and sha256 must be those "
-                    "of its target"
-                )
+        files = manifest.files
+        links: dict[str, str] = {}
+        data = total = 0  # archive bytes the file members occupy; their sizes
+        for entry in files.values():
+            size = entry.size
+            total += size
+            data += size + (-size % BLOCK)
+            if entry.target is not None:
+                target = entry.target.encode()
+                if entry.sha256 != hashlib.sha256(target).hexdigest() or size != len(target):
+                    raise SnapshotInvalidError(
+                        f"manifest entry {entry.path!r}: a symlink's size and sha256 must be "
+                        "those of its target"
+                    )
+                links[entry.path] = entry.target
         top = self._reserved_top
-        if top is not None:
-            for p in manifest.files:
+        if top is not None and top != STATE_DIR_NAME:  # Manifest.parse refuses .sidecar already
+            for p in files:
                 if p == top or p.startswith(top + "/"):
                     raise UnsafePathError(f"{p!r} is inside the sidecar's state directory")
-        check_symlink_chains(
-            {e.path: e.target for e in manifest.files.values() if e.target is not None}
-        )
-        check_limits(manifest.files.values(), self.limits)
+        check_symlink_chains(links)
+        check_limits(files.values(), self.limits)
         ancestors: set[str] = set()
-        for p in manifest.files:
+        for p in files:
             p = p.rpartition("/")[0]
             while p and p not in ancestors:
                 ancestors.add(p)
                 p = p.rpartition("/")[0]
         self._max_dirs = len(ancestors) + EXTRA_DIRS
-        data = sum(e.size + (-e.size % BLOCK) for e in manifest.files.values())
+        del ancestors
         self._budget = (
             self.bytes_out
             + data
-            + len(manifest.files) * MEMBER_OVERHEAD
+            + len(files) * MEMBER_OVERHEAD
             + self._max_dirs * DIR_OVERHEAD
             + (1 << 20)
         )
-        self._files = manifest.files
+        self._files = files
         self.manifest = manifest
         log.debug(
-            "extract.manifest",
-            snapshot_id=manifest.snapshot_id,
-            files=len(manifest.files),
-            bytes=manifest.total_bytes,
+            "extract.manifest", snapshot_id=manifest.snapshot_id, files=len(files), bytes=total
         )
 
     def _begin_file(self, path: str, entry: FileEntry, size: int) -> None:
-        skip = self._claim_file(path, entry, size)
-        self._ops.append((_FILE, path, entry.mode, entry.sha256, skip))
-        if size:
-            self._in_file = True
+        self._skip = skip = self._claim_file(path, entry, size)
+        self._cur = entry
+        if skip:  # already on disk: only verify
+            self._hash = _sha256()
         else:
-            self._ops.append(_END_OP)
-            self.files_done += 1
+            self._hash = None  # the writer hashes what it writes
+            self._ops.append((_OPEN, entry.path, entry.mode, entry.sha256))
+        self._in_file = True
+        if not size:
+            self._end_file()
+
+    def _end_file(self) -> None:
+        self._in_file = False
+        entry = self._cur
+        assert entry is not None
+        if self._hash is not None and self._hash.hexdigest() != entry.sha256:
+            raise _digest_error(entry.path)
+        if not self._skip:
+            self._ops.append(_CLOSE_OP)
+        self.files_done += 1
 
     def _claim_file(self, path: str, entry: FileEntry, size: int) -> bool:
         """Check a regular file member against its entry; True if the disk already has it."""
@@ -674,11 +721,12 @@ class SnapshotWriter:
             raise SnapshotInvalidError(
                 f"{path!r}: archive has {size} bytes, the manifest says {entry.size}"
             )
+        path = entry.path  # the manifest's string: do not keep the archive's copy alive
         parent = path.rpartition("/")[0]
         if parent and self._kinds.get(parent) != "d":
             self._ensure_parents(path)
         self._kinds[path] = "f"
-        if self._state is not None and self._is_unchanged(path, entry):
+        if self._known and self._is_unchanged(path, entry):
             self._unchanged.add(path)
             return True
         self._bytes_written += size
@@ -819,8 +867,12 @@ class SnapshotWriter:
                 _move(self.staging_dir / path, dst)
                 written += 1
             removed = self._remove_stale(state)
-        self._record(state, manifest)
+        # The staged tree has been moved: drop the bookkeeping before building the state rows
+        # (lower peak memory; a second publish() is refused anyway).
         self._published = True
+        del new_dirs
+        self._kinds, self._unchanged, self._explicit_dirs, self._real_dirs = {}, set(), set(), set()
+        self._record(state, manifest)
         shutil.rmtree(self.staging_dir, ignore_errors=True)
         seconds = round(time.monotonic() - t0, 3)
         log.info(
@@ -875,13 +927,18 @@ class SnapshotWriter:
         return removed
 
     def _record(self, state: StateStore, manifest: Manifest) -> None:
-        files: dict[str, FileState] = {}
-        for path, e in manifest.files.items():
-            mode = _SYMLINK_MODE if e.target is not None else e.mode
-            files[path] = FileState(e.version, e.sha256, e.size, mode)
-        for path, old in state.items():
-            if path not in files:
-                files[path] = old if old.deleted else FileState(old.version, None, 0, old.mode)
+        files = manifest.files
+        old_items = state.items()  # taken now, before replace_all swaps the mirror
+
+        def rows() -> Iterator[tuple[str, FileState]]:
+            # A generator: replace_all builds its own dict, so no second copy of the tree.
+            for path, e in files.items():
+                mode = _SYMLINK_MODE if e.target is not None else e.mode
+                yield path, FileState(e.version, e.sha256, e.size, mode)
+            for path, old in old_items:
+                if path not in files:
+                    yield path, old if old.deleted else FileState(old.version, None, 0, old.mode)
+
         meta: dict[str, object] = {
             "snapshot_id": manifest.snapshot_id,
             "project_id": manifest.project_id,
@@ -891,7 +948,7 @@ class SnapshotWriter:
         }
         if self._sha_in is not None:
             meta["snapshot_sha256"] = self._sha_in.hexdigest()
-        state.replace_all(files.items(), meta)
+        state.replace_all(rows(), meta)
 
 
 def _staging_top(project_dir: Path, staging_dir: Path) -> str | None:

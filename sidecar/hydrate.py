@@ -1,15 +1,19 @@
 """Hydration: make PROJECT_DIR the snapshot's tree, streaming download -> zstd -> tar -> staging.
 
 The download runs in the event loop; chunks cross a bounded queue to one worker thread that owns
-the SnapshotWriter (decompress, parse, hash, write to staging, publish), so network, CPU and disk
-overlap while memory stays bounded. A restart with the same snapshot already in place verifies
-the tree instead of downloading it again.
+the SnapshotWriter (it decompresses and parses, and its own helper thread hashes and writes to
+staging; then it publishes), so network, CPU and disk overlap while memory stays bounded (about
+1 MiB of compressed chunks queued here, 1 MiB of decompressed ones in the writer, the zstd
+window (2 MiB at level 3, at most 16 MiB), and the manifest). A restart with the same snapshot
+already in place verifies the tree instead of downloading it again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import gc
 import hashlib
 import queue
 import shutil
@@ -20,7 +24,7 @@ import weakref
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -37,23 +41,49 @@ from sidecar.errors import (
 )
 from sidecar.extract import PublishResult, SnapshotWriter, new_staging_dir, verify_tree
 from sidecar.manifest import FileEntry, Manifest
-from sidecar.metrics import Metrics
 from sidecar.progress import Progress
 from sidecar.redact import redact, redact_url
 from sidecar.state import StateStore
 
-__all__ = ["META_MANIFEST", "META_SOURCE", "hydrate", "snapshot_source"]
+if TYPE_CHECKING:  # prometheus_client is not needed by the one-shot `sidecar hydrate`
+    from sidecar.metrics import Metrics
+
+__all__ = ["META_MANIFEST", "META_SOURCE", "hydrate", "hydrate_once", "snapshot_source"]
 
 log = structlog.get_logger(component="snapshot")
+_cli_log = structlog.get_logger(component="sidecar")  # the line app.hydrate_once used to log
 
 META_SOURCE = "hydrate.source"  # sha256 of the URL without its query + SNAPSHOT_SHA256
 META_MANIFEST = "hydrate.manifest"  # the published manifest's header (ids, created_at, seq)
-QUEUE_SLOTS = 8  # chunks in flight between the download and the worker thread
-CHUNK_SIZE = 512 * 1024  # upper bound per chunk: at most ~4 MiB queued
+QUEUE_SLOTS = 4  # chunks in flight between the download and the worker thread
+CHUNK_SIZE = 256 * 1024  # upper bound per chunk: at most 1 MiB queued
 
 # One hydration per project dir at a time (a resync must not race a running hydration, and a
 # new one must not remove the staging dir of one in progress). Entries vanish when unused.
 _locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+
+async def hydrate_once(settings: Settings) -> int:
+    """`sidecar hydrate`: hydrate and verify PROJECT_DIR, then return 0.
+
+    Lives here rather than in app.py so that the one-shot command imports only the download and
+    extraction path (not realtime, pydantic or watchfiles).
+    """
+    if settings.snapshot.url is None:
+        raise ConfigError("SNAPSHOT_URL is required for `sidecar hydrate`")
+    # What exists now (modules, settings) outlives the hydration: keep it out of the cyclic
+    # GC's full collections, which the manifest's tens of thousands of objects would trigger.
+    gc.freeze()
+    settings.project_dir.mkdir(parents=True, exist_ok=True)
+    state = StateStore(settings.state_dir)
+    try:
+        # No metrics: nothing would ever serve them from a one-shot process.
+        manifest = await hydrate(settings, state, None)
+    finally:
+        state.close()
+        gc.unfreeze()
+    _cli_log.info("sidecar.hydrated", snapshot_id=manifest.snapshot_id, files=len(manifest.files))
+    return 0
 
 
 def snapshot_source(url: str, sha256: str | None) -> str:
@@ -66,7 +96,7 @@ def snapshot_source(url: str, sha256: str | None) -> str:
 async def hydrate(
     settings: Settings,
     state: StateStore,
-    metrics: Metrics,
+    metrics: Metrics | None,
     *,
     url: str | None = None,
     sha256: str | None = None,
@@ -80,7 +110,7 @@ async def hydrate(
     from a snapshot:ready event) is in place and the tree verifies, nothing is downloaded.
     Otherwise the snapshot is streamed, checked and published, rewriting only files that differ
     (and those verification found damaged). Hydrations of one project dir run one at a time.
-    A progress line is drawn on stderr when it is a TTY.
+    A progress line is drawn on stderr when it is a TTY. `metrics` may be None (no counters).
 
     Raises:
         ConfigError: no URL.
@@ -103,7 +133,7 @@ async def hydrate(
 async def _hydrate(
     settings: Settings,
     state: StateStore,
-    metrics: Metrics,
+    metrics: Metrics | None,
     url: str,
     sha256: str | None,
     session: aiohttp.ClientSession | None,
@@ -121,7 +151,8 @@ async def _hydrate(
         manifest, damaged = await _in_place(settings, state, source, snapshot_id)
         if manifest is not None:
             outcome = "in_place"
-            metrics.hydration_files.inc(len(manifest.files))
+            if metrics is not None:
+                metrics.hydration_files.inc(len(manifest.files))
             log.info(
                 "snapshot.hydrated",
                 outcome=outcome,
@@ -144,8 +175,9 @@ async def _hydrate(
         )
         state.update(meta={META_SOURCE: source, META_MANIFEST: _header(manifest)})
         outcome = "ok"
-        metrics.hydration_bytes.inc(stats["downloaded"])
-        metrics.hydration_files.inc(len(manifest.files))
+        if metrics is not None:
+            metrics.hydration_bytes.inc(stats["downloaded"])
+            metrics.hydration_files.inc(len(manifest.files))
         log.info(
             "snapshot.hydrated",
             outcome=outcome,
@@ -174,8 +206,9 @@ async def _hydrate(
                 url=shown,
                 seconds=round(time.monotonic() - t0, 3),
             )
-        metrics.hydration_seconds.observe(time.monotonic() - t0)
-        metrics.inc(metrics.hydrations, outcome)
+        if metrics is not None:
+            metrics.hydration_seconds.observe(time.monotonic() - t0)
+            metrics.inc(metrics.hydrations, outcome)
 
 
 def _outcome(exc: Exception) -> str:
@@ -240,7 +273,7 @@ async def _in_place(
 async def _download_and_publish(
     settings: Settings,
     state: StateStore,
-    metrics: Metrics,
+    metrics: Metrics | None,
     url: str,
     sha256: str | None,
     session: aiohttp.ClientSession | None,
@@ -345,7 +378,13 @@ class _Pipeline:
         self._queue: queue.SimpleQueue[bytes | _Signal] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._done: asyncio.Future[tuple[Manifest, PublishResult]] = loop.create_future()
-        self._thread = threading.Thread(target=self._run, name="sidecar-hydrate", daemon=True)
+        # The worker logs too: give it the caller's context (structlog binds project/session).
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(self._run,),
+            name="sidecar-hydrate",
+            daemon=True,
+        )
         self.writer: SnapshotWriter | None = None
         self.downloaded = 0
         self.on_chunk: Callable[[int], None] | None = None
