@@ -47,8 +47,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Protocol
 
 import aiohttp
 import jwt
@@ -57,6 +56,7 @@ from aiohttp import web
 
 from sidecar.manifest import Manifest
 from sidecar.snapshot_build import build_snapshot
+from sidecar.testing._server import LoopbackServer
 
 __all__ = [
     "Broadcaster",
@@ -195,7 +195,7 @@ class _RpcError(Exception):
 Listener = Callable[[str, str, dict[str, Any]], None]
 
 
-class RpcServer:
+class RpcServer(LoopbackServer):
     """PostgREST-style RPC server over an in-memory `project_files` table; async ctx manager.
 
     Args:
@@ -216,6 +216,7 @@ class RpcServer:
         inline_limit: int = DEFAULT_INLINE_LIMIT,
         private: bool = True,
     ) -> None:
+        super().__init__(host, port)
         self.realtime = realtime
         self.jwt_secret = (
             jwt_secret or getattr(realtime, "jwt_secret", None) or secrets.token_urlsafe(32)
@@ -225,61 +226,32 @@ class RpcServer:
             or getattr(realtime, "anon_key", None)
             or self.make_token(None, role="anon", exp_in=10 * 365 * 86400)
         )
-        self.host = host
         self.inline_limit = inline_limit
         self.private = private
         self.faults = RpcFaults()
         self.calls: list[tuple[str, int]] = []  # (function, status) for assertions
         self.history: list[Revision] = []
-        self._want_port = port
         self._rows: dict[str, dict[str, Row]] = {}
         self._seq: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._blobs: dict[str, bytes] = {}
         self._listeners: list[Listener] = []
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
     # -- lifecycle --
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def start(self) -> None:
-        """Start listening (idempotent)."""
-        if self._runner is not None:
-            return
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+    def routes(self, app: web.Application) -> None:
+        """The RPCs, large-content URLs and the admin endpoints."""
         app.router.add_post(RPC_PREFIX + "{name}", self._handle_rpc)
         app.router.add_get(CONTENT_PREFIX + "{key}", self._handle_content)
         app.router.add_post("/_admin/fault", self._handle_fault)
         app.router.add_post("/_admin/token", self._handle_token)
         app.router.add_post("/_admin/upsert", self._handle_admin_upsert)
         app.router.add_get("/healthz", self._handle_health)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, self._want_port)
-        await site.start()
-        self._runner = runner
-        self.port = runner.addresses[0][1]
-
-    async def close(self) -> None:
-        """Stop listening (idempotent)."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
 
     @property
     def url(self) -> str:
         """The SUPABASE_URL-like root, e.g. http://127.0.0.1:PORT (RPCs under /rest/v1/rpc/)."""
-        host = "127.0.0.1" if self.host in {"0.0.0.0", ""} else self.host
-        return f"http://{host}:{self.port}"
+        return self.base_url
 
     # -- tokens --
 

@@ -21,13 +21,14 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import quote, unquote
 
 import jwt
 import structlog
 from aiohttp import web
+
+from sidecar.testing._server import LoopbackServer
 
 __all__ = ["Faults", "ServedRequest", "SnapshotServer", "main"]
 
@@ -104,7 +105,7 @@ class Faults:
         return rule.pop(0) if rule else None
 
 
-class SnapshotServer:
+class SnapshotServer(LoopbackServer):
     """Serves snapshots at Supabase-Storage-style signed URLs; an async context manager.
 
     Args:
@@ -124,51 +125,26 @@ class SnapshotServer:
         bucket: str = "snapshots",
         public_url: str | None = None,
     ) -> None:
+        super().__init__(host, port)
         self.root = root.resolve() if root is not None else None
         self.secret = secret or secrets.token_urlsafe(32)
-        self.host = host
         self.bucket = bucket
         self.faults = Faults()
         self.requests: list[ServedRequest] = []
-        self._want_port = port
         self._public_url = public_url
         self._objects: dict[str, tuple[bytes, str, float]] = {}  # key -> (data, etag, mtime)
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
     # -- lifecycle --
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
+    client_max_size = 1024**2
 
-    async def __aexit__(
-        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def start(self) -> None:
-        """Start listening (idempotent)."""
-        if self._runner is not None:
-            return
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
+        """Signed object URLs plus the admin endpoints."""
         app.router.add_get(SIGN_PREFIX + "{key:.+}", self._handle_object)
         app.router.add_post("/_admin/sign", self._handle_sign)
         app.router.add_post("/_admin/fault", self._handle_fault)
         app.router.add_get("/_admin/requests", self._handle_requests)
         app.router.add_get("/healthz", self._handle_health)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, self._want_port)
-        await site.start()
-        self._runner = runner
-        self.port = runner.addresses[0][1]
-
-    async def close(self) -> None:
-        """Stop listening and drop open connections (idempotent)."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
 
     # -- objects and URLs --
 
@@ -177,8 +153,7 @@ class SnapshotServer:
         """The server's root URL, e.g. http://127.0.0.1:PORT."""
         if self._public_url:
             return self._public_url.rstrip("/")
-        host = "127.0.0.1" if self.host in {"0.0.0.0", ""} else self.host
-        return f"http://{host}:{self.port}"
+        return super().base_url
 
     def add(self, path: str, data: bytes, *, bucket: str | None = None) -> str:
         """Register bytes as an object; returns its key ("<bucket>/<path>")."""

@@ -1,0 +1,65 @@
+"""The lifecycle shared by the embedded HTTP servers: start on a (free) port, stop, and use as
+an async context manager."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Self
+
+from aiohttp import web
+
+__all__ = ["LoopbackServer"]
+
+
+class LoopbackServer:
+    """An aiohttp server; subclasses add their routes in `routes()`.
+
+    `port` is the bound port once started (port 0 picks a free one); start and close are
+    idempotent.
+    """
+
+    client_max_size = 64 * 1024 * 1024
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.port = 0
+        self._want_port = port
+        self._runner: web.AppRunner | None = None
+
+    def routes(self, app: web.Application) -> None:
+        """Add this server's routes."""
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Start listening (idempotent)."""
+        if self._runner is not None:
+            return
+        app = web.Application(client_max_size=self.client_max_size)
+        self.routes(app)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self._want_port)
+        await site.start()
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+
+    async def close(self) -> None:
+        """Stop listening and drop open connections (idempotent)."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    @property
+    def base_url(self) -> str:
+        """The root URL, e.g. http://127.0.0.1:PORT (loopback when bound to every address)."""
+        host = "127.0.0.1" if self.host in {"0.0.0.0", ""} else self.host
+        return f"http://{host}:{self.port}"
