@@ -147,6 +147,10 @@ async def _main(settings: Settings, cmd: tuple[str, ...], *, hydrate_first: bool
             if rt.supervisor is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(rt.supervisor.stop())
+            if rt.localsync is not None:
+                # Persist the last-synced bases that merges need after a restart.
+                with contextlib.suppress(Exception):
+                    await rt.localsync.close()
     code = _exit_code(rt)
     log.info("sidecar.stopped", exit_code=code)
     return code
