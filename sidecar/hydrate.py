@@ -422,8 +422,10 @@ class _Pipeline:
             # Cancelled again while cleaning up: staging must still be gone when we return.
             self._thread.join()
             raise
-        except Exception:  # noqa: BLE001 - the caller is already raising the error that matters
-            return
+        except Exception:  # noqa: BLE001, S110 - the caller is already raising the error that matters
+            pass
+        # The worker settles the future just before it returns: wait for it to be gone too.
+        await asyncio.to_thread(self._thread.join)
 
     def _raise_if_failed(self) -> None:
         if self._done.done():
