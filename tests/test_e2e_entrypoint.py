@@ -256,7 +256,7 @@ async def test_child_starts_after_hydration_and_buffered_deltas(tmp_path: Path) 
     seen = tmp_path / "seen.txt"
     async with Stack(files=files) as stack:
         snap = stack.snapshot()
-        stack.snaps.faults.trickle = 40_000  # ~2.5 s of hydration
+        stack.snaps.faults.trickle = 20_000  # ~5 s of hydration: margin for a loaded machine
         async with running_sidecar(
             stack, tmp_path, cmd=[PY, str(probe), str(seen)], snapshot=snap, wait_ready=False
         ) as sc:
@@ -266,6 +266,7 @@ async def test_child_starts_after_hydration_and_buffered_deltas(tmp_path: Path) 
             )
             assert not seen.exists(), "the child started before hydration finished"
             await stack.rpc.editor_upsert(stack.project, "late.txt", b"buffered")
+            assert not sc.events("snapshot.hydrated"), "the edit came after hydration: too slow"
             await sc.wait(seen.exists, "child started", 30)
             assert seen.read_text() == "late=buffered"
             released = sc.events("sync.buffer_released")
