@@ -394,3 +394,19 @@ def _not_ready(sc: Sidecar) -> Callable[[], object]:
 
 async def _at_least(value: Callable[[], Awaitable[float]], n: float) -> bool:
     return await value() >= n
+
+
+async def test_inplace_write_mode_keeps_the_inode(tmp_path: Path) -> None:
+    """With SIDECAR_WRITE_MODE=inplace an update rewrites the file in place (same inode, for
+    watchers that follow inodes); the default atomic mode replaces it."""
+    async with Stack() as stack:
+        for mode, same_inode in (("inplace", True), ("atomic", False)):
+            async with running_sidecar(
+                stack, tmp_path, env_overrides={"SIDECAR_WRITE_MODE": mode}, name=mode
+            ) as sc:
+                target = sc.project_dir / "src/app.js"
+                inode = target.stat().st_ino
+                body = f"export const mode = '{mode}';\n".encode()
+                await stack.rpc.editor_upsert(stack.project, "src/app.js", body)
+                await sc.wait_file("src/app.js", body)
+                assert (target.stat().st_ino == inode) is same_inode, mode
