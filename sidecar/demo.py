@@ -42,13 +42,15 @@ SAMPLE: dict[str, bytes] = {
 
 
 async def run(directory: Path | None, *, keep_running: bool = False) -> int:
-    """Run the demo; returns the sidecar's exit code (0 when everything converged)."""
-    with contextlib.ExitStack() as stack:
-        if directory is None:
-            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sidecar-")))
-        directory.mkdir(parents=True, exist_ok=True)
-        return await _run(directory.absolute(), keep_running)
-    raise AssertionError("unreachable")
+    """Run the demo; returns the sidecar's exit code (0 when everything converged).
+
+    Without a directory a fresh one is made under the temp dir and kept, so its logs and the
+    project can be looked at afterwards.
+    """
+    if directory is None:
+        directory = Path(tempfile.mkdtemp(prefix="sidecar-demo-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    return await _run(directory.absolute(), keep_running)
 
 
 async def _run(workdir: Path, keep_running: bool) -> int:
