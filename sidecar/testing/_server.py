@@ -3,12 +3,14 @@ an async context manager."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from types import TracebackType
 from typing import Self
 
 from aiohttp import web
 
-__all__ = ["LoopbackServer"]
+__all__ = ["LoopbackServer", "until_terminated"]
 
 
 class LoopbackServer:
@@ -63,3 +65,17 @@ class LoopbackServer:
         """The root URL, e.g. http://127.0.0.1:PORT (loopback when bound to every address)."""
         host = "127.0.0.1" if self.host in {"0.0.0.0", ""} else self.host
         return f"http://{host}:{self.port}"
+
+
+async def until_terminated() -> None:
+    """Return on the first SIGTERM or SIGINT: the main loop of the standalone servers."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)

@@ -39,7 +39,6 @@ import dataclasses
 import functools
 import math
 import secrets
-import signal
 import time
 import uuid
 from collections import deque
@@ -53,6 +52,7 @@ import structlog
 from aiohttp import web
 
 from sidecar.testing import realtime_wire as wire
+from sidecar.testing._server import until_terminated
 from sidecar.testing.realtime_jwt import TokenFailure, mint, verify
 from sidecar.testing.realtime_socket import (
     RATE_LIMITED,
@@ -1232,15 +1232,11 @@ async def _serve_forever(args: argparse.Namespace) -> None:
     server = RealtimeServer(
         args.host, args.port, jwt_secret=args.jwt_secret, anon_key=args.anon_key, knobs=knobs
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     async with server:
         log.info(
             "realtime_server.listening", url=server.url, port=server.port, auth_mode=knobs.auth_mode
         )
-        await stop.wait()
+        await until_terminated()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

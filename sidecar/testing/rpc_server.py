@@ -41,7 +41,6 @@ import hashlib
 import inspect
 import json
 import secrets
-import signal
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -56,7 +55,7 @@ from aiohttp import web
 
 from sidecar.manifest import Manifest
 from sidecar.snapshot_build import build_snapshot
-from sidecar.testing._server import LoopbackServer
+from sidecar.testing._server import LoopbackServer, until_terminated
 
 __all__ = [
     "Broadcaster",
@@ -787,13 +786,9 @@ async def _serve(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     async with server:
         log.info("rpc_server.listening", url=server.url)
-        await stop.wait()
+        await until_terminated()
     if broadcaster is not None:
         await broadcaster.close()
 

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import hashlib
 import secrets
-import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
@@ -28,7 +27,7 @@ import jwt
 import structlog
 from aiohttp import web
 
-from sidecar.testing._server import LoopbackServer
+from sidecar.testing._server import LoopbackServer, until_terminated
 
 __all__ = ["Faults", "ServedRequest", "SnapshotServer", "main"]
 
@@ -446,10 +445,6 @@ async def _serve_forever(args: argparse.Namespace) -> None:
         bucket=args.bucket,
         public_url=args.public_url,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     async with server:
         log.info(
             "snapshot_server.listening",
@@ -460,7 +455,7 @@ async def _serve_forever(args: argparse.Namespace) -> None:
         for path in args.sign:
             # Signed URLs go to stdout (not the log) so that scripts can capture them.
             print(server.url_for(path, expires_in=args.expires_in), flush=True)  # noqa: T201
-        await stop.wait()
+        await until_terminated()
     log.info("snapshot_server.stopped")
 
 
