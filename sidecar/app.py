@@ -118,7 +118,7 @@ async def _main(settings: Settings, cmd: tuple[str, ...], *, hydrate_first: bool
                 health.snapshot_id = _str_or_none(state.meta("snapshot_id"))
                 if rt.engine is not None:
                     rt.engine.mark_hydrated(manifest)
-                    await _wait_buffer_applied(rt.engine)
+                    await rt.engine.wait_idle()  # the child starts once the buffer is on disk
                 if rt.localsync is not None:
                     # After hydration: the published tree is what the state records, not news.
                     local = rt.localsync
@@ -269,11 +269,6 @@ async def _hydrate_healing(rt: Runtime, http: aiohttp.ClientSession) -> Manifest
         snapshot_id=ready.snapshot_id,
         session=http,
     )
-
-
-async def _wait_buffer_applied(engine: SyncEngine) -> None:
-    """The child starts only once the buffered deltas are on disk."""
-    await engine.wait_idle()
 
 
 async def _after_hydrate(settings: Settings, reaper: Reaper, rt: Runtime) -> None:
