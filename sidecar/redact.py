@@ -10,8 +10,11 @@ __all__ = ["Secret", "redact", "redact_url", "register_secret"]
 
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _SB_KEY = re.compile(r"\bsb_(?:secret|publishable)_[A-Za-z0-9_-]+")
-# Any URL's query string and fragment: signed URLs carry their token there.
-_URL_QUERY = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#\"'<>]*)[?#][^\s\"'<>]*")
+# Any URL's query string and fragment: signed URLs carry their token there. A query already
+# redacted is taken whole (with anything after it), so that redacting twice changes nothing.
+_URL_QUERY = re.compile(
+    r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#\"'<>]*)[?#](?:<redacted>)?[^\s\"'<>]*"
+)
 _known: set[str] = set()
 
 

@@ -41,3 +41,15 @@ def test_log_lines_never_carry_tokens(capsys) -> None:
     assert line["session_id"] == "s"
     assert "QQQ" not in json.dumps(line)
     assert JWT not in json.dumps(line)
+
+
+def test_redacting_twice_changes_nothing(capsys) -> None:
+    """An already redacted URL passes through the log pipeline (which redacts each field and then
+    the rendered line) unchanged, and a secret placed after a redaction marker is still removed."""
+    url = "https://h/storage/v1/object/sign/b/p.tar.zst?token=SECRET123"
+    shown = redact_url(url)
+    assert redact(redact(shown)) == shown
+    assert redact(f"{shown}token=SECRET456 and more") == f"{shown} and more"
+    configure_logging("json", project_id="p", session_id="s")
+    structlog.get_logger().info("x.y", url=shown)
+    assert json.loads(capsys.readouterr().out)["url"] == shown
