@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from sidecar.cli import main
+from sidecar.cli import entrypoint
 
-raise SystemExit(main())
+entrypoint()

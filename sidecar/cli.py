@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import structlog
 
@@ -20,7 +22,7 @@ from sidecar.errors import ExitCode, SidecarError
 from sidecar.log import configure_logging
 from sidecar.redact import redact
 
-__all__ = ["main"]
+__all__ = ["entrypoint", "main"]
 
 log = structlog.get_logger(component="sidecar")
 
@@ -56,9 +58,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# One-shot commands whose process ends with the command: once it has returned, the state DB is
+# closed, every thread joined and every log line written, so the interpreter's teardown (about
+# 50 ms after a 25,000-file hydration: freeing the manifest, finalizing aiohttp) is skipped.
+_ONE_SHOT = frozenset({"hydrate", "snapshot"})
+
+
+def entrypoint() -> NoReturn:
+    """The `sidecar` console script and `python -m sidecar`: run, then exit with the code."""
+    args = _parser().parse_args()
+    code = _main(args)
+    if args.command in _ONE_SHOT:
+        atexit._run_exitfuncs()  # what a normal exit would still run (coverage, profilers)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return the process exit code."""
-    args = _parser().parse_args(argv)
+    return _main(_parser().parse_args(argv))
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         settings = Settings.from_env(os.environ, isatty=sys.stdout.isatty())
     except SidecarError as exc:

@@ -3,6 +3,9 @@ one-line reason for bad input, and PROJECT_DIR left as it was."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sys
 import time
 from pathlib import Path
 
@@ -61,3 +64,44 @@ async def test_hydrate_exit_codes_leave_the_project_as_it_was(tmp_path: Path) ->
             assert not list((project / ".sidecar").glob("staging-*"))
             if expected == ExitCode.SNAPSHOT_UNAVAILABLE:
                 assert time.monotonic() - started < 5, "an expired URL is not retried"
+
+
+_WITH_EXIT_HANDLER = """
+import atexit, runpy, sys
+atexit.register(lambda: print("exit handler ran"))  # buffered: written only if flushed after
+sys.argv = ["sidecar", "hydrate"]
+runpy.run_module("sidecar", run_name="__main__", alter_sys=True)
+"""
+
+
+async def test_hydrate_ends_fast_but_runs_exit_handlers_and_keeps_its_output(
+    tmp_path: Path,
+) -> None:
+    """`sidecar hydrate` skips the interpreter's teardown, yet atexit handlers still run, their
+    buffered output and the last log line are written, and the recorded state is complete (a
+    second run finds the tree in place)."""
+    async with Stack() as stack:
+        project = tmp_path / "project"
+        # Block-buffered stdout (as under a process manager), where an unflushed line is lost.
+        env = base_env(stack, project, overrides={"PYTHONUNBUFFERED": None})
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _WITH_EXIT_HANDLER,
+            env=env,
+            cwd=tmp_path,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(30):
+            out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        *logs, last = out.decode().splitlines()
+        assert last == "exit handler ran"
+        assert json.loads(logs[-1])["event"] == "sidecar.hydrated"
+        assert read_tree(project) == stack.files()
+
+        code, out2, err2 = await run_sidecar(["hydrate"], env, tmp_path)
+        assert code == 0, err2
+        hydrated = [json.loads(ln) for ln in out2.splitlines() if '"snapshot.hydrated"' in ln]
+        assert [h["outcome"] for h in hydrated] == ["in_place"]
