@@ -53,7 +53,7 @@ from aiohttp import web
 
 from sidecar.testing import realtime_wire as wire
 from sidecar.testing._server import until_terminated
-from sidecar.testing.realtime_jwt import TokenFailure, mint, verify
+from sidecar.testing.realtime_jwt import TokenFailure, confirm_exp, mint, verify
 from sidecar.testing.realtime_socket import (
     RATE_LIMITED,
     Channel,
@@ -721,7 +721,20 @@ class RealtimeServer:
     def _rest_claims(self, token: str | None) -> dict[str, Any] | TokenFailure | None:
         if token is None:
             return None
+        return self.verify_token(token)
+
+    def verify_token(self, token: str) -> dict[str, Any] | TokenFailure:
+        """`verify()` with this server's secret and claim validators."""
         return verify(token, self.jwt_secret, validators=self.knobs.jwt_claim_validators)
+
+    def check_channel_token(self, token: str) -> tuple[dict[str, Any], int] | TokenFailure:
+        """What a channel checks at join and on every confirm: the token verifies and has not
+        expired. The claims and the seconds left, or the first failure."""
+        claims = self.verify_token(token)
+        if isinstance(claims, TokenFailure):
+            return claims
+        left = confirm_exp(claims)
+        return left if isinstance(left, TokenFailure) else (claims, left)
 
     def _may_write(self, claims: Mapping[str, Any] | None, topic: str) -> bool:
         if claims is None:
@@ -1025,7 +1038,7 @@ class RealtimeServer:
             return await self._refuse(403, "Realtime was disabled for this tenant")
         if token is None:
             return await self._refuse(401, "API key is missing")
-        claims = verify(token, self.jwt_secret, validators=k.jwt_claim_validators)
+        claims = self.verify_token(token)
         if isinstance(claims, TokenFailure):
             status, error = claims.connect_error()
             log.info("realtime_server.handshake_refused", status=status, error=error)

@@ -22,7 +22,7 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from sidecar.testing import realtime_wire as wire
-from sidecar.testing.realtime_jwt import TokenFailure, confirm_exp, verify
+from sidecar.testing.realtime_jwt import TokenFailure
 
 if TYPE_CHECKING:
     from sidecar.testing.realtime_server import RealtimeServer
@@ -543,12 +543,10 @@ class RealtimeSocket:
         srv._joins.add(1)
         if len(self.channels) >= k.max_channels_per_client:
             raise JoinError("ChannelRateLimitReached: Too many channels")
-        claims = verify(token, srv.jwt_secret, validators=k.jwt_claim_validators)
-        if isinstance(claims, TokenFailure):
-            raise JoinError(claims.join_reason())
-        diff = confirm_exp(claims)
-        if isinstance(diff, TokenFailure):
-            raise JoinError(diff.join_reason())
+        checked = srv.check_channel_token(token)
+        if isinstance(checked, TokenFailure):
+            raise JoinError(checked.join_reason())
+        claims, diff = checked
         if k.db_unreachable:
             raise JoinError(f"UnableToConnectToProject: {DB_DOWN}")
 
@@ -681,18 +679,18 @@ class RealtimeSocket:
         """RealtimeChannel.handle_info(:confirm_token): re-validate, close on failure."""
         if not ch.live:
             return
-        claims = verify(
-            ch.token, self.server.jwt_secret, validators=self.server.knobs.jwt_claim_validators
-        )
-        if isinstance(claims, TokenFailure):
-            self.shutdown_channel(ch, claims.refresh_message())
-            return
-        diff = confirm_exp(claims)
-        if isinstance(diff, TokenFailure):
-            self.shutdown_channel(ch, diff.refresh_message())
-            return
-        ch.claims = claims
-        self._arm_expiry(ch, diff)
+        self._revalidate(ch)
+
+    def _revalidate(self, ch: Channel) -> dict[str, Any] | None:
+        """Check the channel's token again: close the channel if it fails, else keep the new
+        claims and re-arm the expiry check. The claims, or None when the channel was closed."""
+        checked = self.server.check_channel_token(ch.token)
+        if isinstance(checked, TokenFailure):
+            self.shutdown_channel(ch, checked.refresh_message())
+            return None
+        ch.claims, seconds_left = checked
+        self._arm_expiry(ch, seconds_left)
+        return ch.claims
 
     def _drop_channel(self, ch: Channel) -> None:
         """Forget the channel at once (unsubscribe); frames already queued still go out."""
@@ -744,16 +742,9 @@ class RealtimeSocket:
         prev_read, prev_presence = ch.read, ch.presence_read
         ch.token = new
         ch.write = None
-        claims = verify(new, srv.jwt_secret, validators=srv.knobs.jwt_claim_validators)
-        if isinstance(claims, TokenFailure):
-            self.shutdown_channel(ch, claims.refresh_message())
+        claims = self._revalidate(ch)
+        if claims is None:
             return
-        diff = confirm_exp(claims)
-        if isinstance(diff, TokenFailure):
-            self.shutdown_channel(ch, diff.refresh_message())
-            return
-        ch.claims = claims
-        self._arm_expiry(ch, diff)
         if ch.private:
             if srv.knobs.db_down or srv.knobs.missing_partition:
                 self.shutdown_channel(ch, DB_DOWN)
