@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import posixpath
 import shlex
 import time
@@ -55,9 +56,42 @@ async def run_after_hydrate(
     """
     if not argv:
         return 0
+    return await _run_hook(
+        "after_hydrate",
+        argv,
+        project_dir,
+        env,
+        stop_grace,
+        reaper,
+        max_seconds=max_seconds,
+        failed_level=logging.ERROR,
+    )
+
+
+async def _run_hook(
+    role: str,
+    argv: Sequence[str],
+    project_dir: Path,
+    env: Mapping[str, str],
+    stop_grace: float,
+    reaper: Reaper | None,
+    *,
+    max_seconds: float | None = None,
+    failed_level: int,
+    **fields: object,
+) -> int:
+    """Run one hook command to its end and return its exit status, logging
+    ``hooks.<role>_started`` / ``_finished`` / ``_failed`` / ``_timed_out`` (with the argv and
+    `fields` on each).
+
+    127/126 when it could not be executed (always logged as an error); after `max_seconds` it
+    is stopped (grace, then SIGKILL) and its 143 or 137 returned. A non-zero exit is logged at
+    `failed_level`. On cancellation the command is stopped, then the cancellation re-raised.
+    """
+    fields = {"argv": list(argv), **fields}
     started = time.monotonic()
-    proc = ChildProcess(argv, project_dir, env, stop_grace, reaper=reaper, role="after_hydrate")
-    log.info("hooks.after_hydrate_started", argv=list(argv))
+    proc = ChildProcess(argv, project_dir, env, stop_grace, reaper=reaper, role=role)
+    log.info(f"hooks.{role}_started", **fields)
     try:
         await proc.start()
     except ChildStartError as exc:
@@ -65,10 +99,9 @@ async def run_after_hydrate(
     else:
         failure = None
     if failure is not None:
-        log.error(
-            "hooks.after_hydrate_failed", exit_code=int(failure.exit_code), reason=str(failure)
-        )
-        return int(failure.exit_code)
+        code = int(failure.exit_code)
+        log.error(f"hooks.{role}_failed", **fields, exit_code=code, reason=str(failure))
+        return code
     timed_out = False
     try:
         async with asyncio.timeout(max_seconds):
@@ -79,12 +112,12 @@ async def run_after_hydrate(
     finally:
         await proc.stop()
     if timed_out:
-        log.error("hooks.after_hydrate_timed_out", max_seconds=max_seconds, exit_code=status)
+        log.error(f"hooks.{role}_timed_out", **fields, max_seconds=max_seconds, exit_code=status)
     seconds = round(time.monotonic() - started, 3)
     if status == 0:
-        log.info("hooks.after_hydrate_finished", exit_code=0, seconds=seconds)
+        log.info(f"hooks.{role}_finished", **fields, exit_code=0, seconds=seconds)
     else:
-        log.error("hooks.after_hydrate_failed", exit_code=status, seconds=seconds)
+        log.log(failed_level, f"hooks.{role}_failed", **fields, exit_code=status, seconds=seconds)
     return status
 
 
@@ -231,31 +264,13 @@ class OnChangeHooks:
         argv = shlex.split(action)
         changed = "\n".join(paths)[:_MAX_PATHS_CHARS]
         env = {**self.env, "SIDECAR_CHANGED_PATHS": changed}
-        proc = ChildProcess(
-            argv, self.project_dir, env, self.stop_grace, reaper=self._reaper, role="on_change"
+        await _run_hook(
+            "on_change",
+            argv,
+            self.project_dir,
+            env,
+            self.stop_grace,
+            self._reaper,
+            failed_level=logging.WARNING,
+            paths=len(paths),
         )
-        started = time.monotonic()
-        log.info("hooks.on_change_started", argv=argv, paths=len(paths))
-        try:
-            await proc.start()
-        except ChildStartError as exc:
-            failure: ChildStartError | None = exc
-        else:
-            failure = None
-        if failure is not None:
-            log.error(
-                "hooks.on_change_failed",
-                argv=argv,
-                exit_code=int(failure.exit_code),
-                reason=str(failure),
-            )
-            return
-        try:
-            status = await proc.wait()
-        finally:
-            await proc.stop()
-        seconds = round(time.monotonic() - started, 3)
-        if status == 0:
-            log.info("hooks.on_change_finished", argv=argv, exit_code=0, seconds=seconds)
-        else:
-            log.warning("hooks.on_change_failed", argv=argv, exit_code=status, seconds=seconds)
