@@ -149,32 +149,22 @@ async def _hydrate(
     failure: Exception | None = None
     try:
         manifest, damaged = await _in_place(settings, state, source, snapshot_id)
+        stats: dict[str, Any]
         if manifest is not None:
-            outcome = "in_place"
-            if metrics is not None:
-                metrics.hydration_files.inc(len(manifest.files))
-            log.info(
-                "snapshot.hydrated",
-                outcome=outcome,
-                snapshot_id=manifest.snapshot_id,
-                files=len(manifest.files),
-                bytes=manifest.total_bytes,
-                downloaded=0,
-                seconds=round(time.monotonic() - t0, 3),
+            outcome, stats = "in_place", {"downloaded": 0}
+        else:
+            manifest, stats = await _download_and_publish(
+                settings,
+                state,
+                metrics,
+                url,
+                sha256,
+                session,
+                progress if progress is not None else Progress(),
+                damaged,
             )
-            return manifest
-        manifest, stats = await _download_and_publish(
-            settings,
-            state,
-            metrics,
-            url,
-            sha256,
-            session,
-            progress if progress is not None else Progress(),
-            damaged,
-        )
-        state.update(meta={META_SOURCE: source, META_MANIFEST: _header(manifest)})
-        outcome = "ok"
+            state.update(meta={META_SOURCE: source, META_MANIFEST: _header(manifest)})
+            outcome = "ok"
         if metrics is not None:
             metrics.hydration_bytes.inc(stats["downloaded"])
             metrics.hydration_files.inc(len(manifest.files))
