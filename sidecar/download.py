@@ -72,10 +72,11 @@ class _RetryableError(Exception):
         self.retry_after = retry_after
 
 
-def backoff_delay(attempt: int, initial: float, maximum: float) -> float:
-    """Full-jitter exponential backoff: uniform in [0, min(maximum, initial * 2**(attempt-1))]."""
+def backoff_delay(attempt: int, initial: float, maximum: float, *, floor: float = 0.0) -> float:
+    """Exponential backoff with jitter: uniform in [floor * cap, cap], where
+    cap = min(maximum, initial * 2**(attempt-1)); the default floor 0 is full jitter."""
     cap = min(maximum, initial * (2 ** max(0, attempt - 1)))
-    return random.uniform(0, cap)  # jitter, not cryptography
+    return random.uniform(floor * cap, cap)  # jitter, not cryptography
 
 
 async def download(

@@ -14,7 +14,6 @@ import asyncio
 import base64
 import hashlib
 import json
-import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -24,6 +23,7 @@ import aiohttp
 import structlog
 
 from sidecar.config import Settings
+from sidecar.download import backoff_delay
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.merge import is_text
 
@@ -270,8 +270,8 @@ class Upstream:
                             transient=True,
                         ) from exc
                     raise
-                wait = min(self.backoff_max, self.backoff_initial * 2 ** (attempt - 1))
-                wait *= random.uniform(0.5, 1.0)  # jitter
+                # Equal jitter: between half and all of the step.
+                wait = backoff_delay(attempt, self.backoff_initial, self.backoff_max, floor=0.5)
                 log.warning(
                     "upstream.retry_scheduled",
                     rpc=name,

@@ -252,6 +252,14 @@ def test_backoff_is_capped_full_jitter() -> None:
     assert max(backoff_delay(10, 0.25, 10.0) for _ in range(200)) > 5.0
 
 
+def test_backoff_floor_keeps_a_share_of_the_step() -> None:
+    """With floor=0.5 (the upstream RPC retries) every delay is between half and all of the
+    capped step."""
+    for n, cap in ((1, 0.25), (3, 1.0), (12, 10.0)):
+        samples = [backoff_delay(n, 0.25, 10.0, floor=0.5) for _ in range(200)]
+        assert all(cap / 2 <= d <= cap for d in samples), (n, min(samples), max(samples))
+
+
 async def test_file_url(tmp_path: Path, fast_snapshot_settings: SnapshotSettings) -> None:
     """A file:// URL (snapshot on a mounted volume) streams through the same sink protocol."""
     path = tmp_path / "s.tar.zst"
