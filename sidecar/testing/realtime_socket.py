@@ -647,18 +647,7 @@ class RealtimeSocket:
             return
         loop = asyncio.get_running_loop()
         if self.server.replication_up:
-            self._enqueue(
-                self._push(
-                    ch,
-                    "system",
-                    {
-                        "channel": ch.sub_topic,
-                        "extension": "system",
-                        "message": "Replication connection established",
-                        "status": "ok",
-                    },
-                )
-            )
+            self._system(ch, "Replication connection established", "ok")
             return
         if loop.time() >= deadline:
             self.shutdown_channel(ch, "Replication connection was not established in time")
@@ -709,19 +698,18 @@ class RealtimeSocket:
             "realtime_server.channel_shutdown", socket=self.id, topic=ch.topic, message=message
         )
         self._drop_channel(ch)
-        self._enqueue(
-            self._push(
-                ch,
-                "system",
-                {
-                    "channel": ch.sub_topic,
-                    "extension": "system",
-                    "message": message,
-                    "status": "error",
-                },
-            )
-        )
+        self._system(ch, message, "error")
         self._enqueue(self._close_frame(ch))
+
+    def _system(self, ch: Channel, message: str, status: str) -> None:
+        """Queue one of Realtime's `system` extension notices for the channel."""
+        payload = {
+            "channel": ch.sub_topic,
+            "extension": "system",
+            "message": message,
+            "status": status,
+        }
+        self._enqueue(self._push(ch, "system", payload))
 
     def crash_channel(self, ch: Channel) -> None:
         """The channel process dies: phx_error with the join_ref, and the channel is gone."""
