@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
+from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+from typing import NoReturn, Self
 
 from aiohttp import web
 
-__all__ = ["LoopbackServer", "until_terminated"]
+__all__ = ["LoopbackServer", "run_standalone", "until_terminated"]
 
 
 class LoopbackServer:
@@ -79,3 +81,12 @@ async def until_terminated() -> None:
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
+
+
+def run_standalone(main: Callable[[], int]) -> NoReturn:
+    """`python -m` for a standalone server: JSON logs on stderr (stdout carries what the server
+    prints, such as signed URLs), then exit with main()'s status."""
+    from sidecar.log import configure_logging
+
+    configure_logging("json", stream=sys.stderr)
+    raise SystemExit(main())

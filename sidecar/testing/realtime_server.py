@@ -52,7 +52,7 @@ import structlog
 from aiohttp import web
 
 from sidecar.testing import realtime_wire as wire
-from sidecar.testing._server import until_terminated
+from sidecar.testing._server import run_standalone, until_terminated
 from sidecar.testing.realtime_jwt import TokenFailure, confirm_exp, mint, verify
 from sidecar.testing.realtime_socket import (
     RATE_LIMITED,
@@ -1279,9 +1279,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from sidecar.log import configure_logging
-
-    configure_logging("json", stream=sys.stderr)
-    raise SystemExit(main())
+    run_standalone(main)

@@ -27,7 +27,7 @@ import jwt
 import structlog
 from aiohttp import web
 
-from sidecar.testing._server import LoopbackServer, until_terminated
+from sidecar.testing._server import LoopbackServer, run_standalone, until_terminated
 
 __all__ = ["Faults", "ServedRequest", "SnapshotServer", "main"]
 
@@ -492,9 +492,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from sidecar.log import configure_logging
-
-    configure_logging("json", stream=sys.stderr)
-    raise SystemExit(main())
+    run_standalone(main)
