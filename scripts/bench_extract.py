@@ -76,8 +76,8 @@ def run_writer(archive: Path, dest: Path, thread: bool) -> tuple[float, float, f
         "import sys, time\n"
         "from pathlib import Path\n"
         "from sidecar.config import Limits\n"
-        "from sidecar.extract import SnapshotWriter, new_staging_dir\n"
-        "from sidecar.state import StateStore\n"
+        "from sidecar.snapshot.extract import SnapshotWriter, new_staging_dir\n"
+        "from sidecar.tree.state import StateStore\n"
         "archive, dest = Path(sys.argv[1]), Path(sys.argv[2])\n"
         "t0 = time.perf_counter()\n"
         "state = StateStore(dest / '.sidecar')\n"
@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--level", type=int, default=3)
     args = ap.parse_args()
-    from sidecar.snapshot_build import build_snapshot
+    from sidecar.snapshot.build import build_snapshot
 
     src = ROOT / f"src-{args.files}-{args.mb}"
     archive = ROOT / f"snap-{args.files}-{args.mb}-{args.level}.tar.zst"

@@ -20,21 +20,21 @@ from typing import NoReturn
 import aiohttp
 import structlog
 
-from sidecar import hooks as hooks_mod
-from sidecar.apply import Applier
-from sidecar.child import ChildProcess, Reaper, Supervisor, build_child_env
 from sidecar.config import Settings
 from sidecar.errors import ConfigError, HookFailedError, SnapshotUnavailableError
 from sidecar.health import HealthState, serve
-from sidecar.hydrate import hydrate
-from sidecar.localsync import LocalSync
-from sidecar.manifest import Manifest
+from sidecar.live.apply import Applier
+from sidecar.live.engine import SyncEngine, SyncTuning
+from sidecar.live.subscription import Subscription, SubscriptionTuning
 from sidecar.metrics import Metrics
+from sidecar.process import hooks as hooks_mod
+from sidecar.process.child import ChildProcess, Reaper, Supervisor, build_child_env
 from sidecar.redact import redact
-from sidecar.state import StateStore
-from sidecar.subscription import Subscription, SubscriptionTuning
-from sidecar.sync import SyncEngine, SyncTuning
-from sidecar.upstream import Upstream
+from sidecar.snapshot.hydrate import hydrate
+from sidecar.snapshot.manifest import Manifest
+from sidecar.tree.state import StateStore
+from sidecar.twoway.localsync import LocalSync
+from sidecar.twoway.upstream import Upstream
 
 __all__ = ["Runtime", "run", "sync_only"]
 

@@ -120,7 +120,7 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             cmd = cmd[1:]
         return await app.run(settings, tuple(cmd))
     if args.command == "hydrate":
-        from sidecar.hydrate import hydrate_once
+        from sidecar.snapshot.hydrate import hydrate_once
 
         return await hydrate_once(settings)
     if args.command == "sync":
@@ -128,7 +128,7 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         return await app.sync_only(settings)
     if args.command == "snapshot":
-        from sidecar.snapshot_build import build_snapshot
+        from sidecar.snapshot.build import build_snapshot
 
         manifest = await asyncio.to_thread(
             build_snapshot,

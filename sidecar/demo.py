@@ -24,7 +24,7 @@ import aiohttp
 
 from sidecar.log import configure_logging
 from sidecar.testing.producer import Producer
-from sidecar.testing.realtime_server import RealtimeServer
+from sidecar.testing.realtime.server import RealtimeServer
 from sidecar.testing.rpc_server import RpcServer
 from sidecar.testing.snapshot_server import SnapshotServer
 

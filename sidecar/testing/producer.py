@@ -18,8 +18,8 @@ import structlog
 from realtime import AsyncRealtimeClient
 from realtime.types import RealtimeChannelOptions
 
-from sidecar.snapshot_build import build_snapshot
-from sidecar.testing.realtime_server import RealtimeServer
+from sidecar.snapshot.build import build_snapshot
+from sidecar.testing.realtime.server import RealtimeServer
 from sidecar.testing.rpc_server import RpcServer
 from sidecar.testing.snapshot_server import SnapshotServer
 

@@ -53,8 +53,8 @@ import jwt
 import structlog
 from aiohttp import web
 
-from sidecar.manifest import Manifest
-from sidecar.snapshot_build import build_snapshot
+from sidecar.snapshot.build import build_snapshot
+from sidecar.snapshot.manifest import Manifest
 from sidecar.testing._server import LoopbackServer, until_terminated
 
 __all__ = [

@@ -1,0 +1,1 @@
+"""Remote changes in: the supervised Realtime subscription, event parsing, ordering and applying."""

@@ -1,0 +1,649 @@
+"""The sync engine: contract rules 4 (buffer until hydrated) and 5 (gap-free seq, replay,
+snapshot:request / snapshot:ready re-convergence) between the subscription and the Applier.
+
+Raw broadcasts are queued by `on_message` (called from realtime-py's listener, so it only
+enqueues). `run()` parses them (invalid ones are counted as rejected and skipped), buffers
+everything until `mark_hydrated()`, then applies in `seq` order: events at or below the last
+applied seq are duplicates, events past a gap are held. A gap first waits briefly for
+reordering, then asks the subscription to rejoin with replay since the last applied event was
+received, then sends `snapshot:request` and re-converges on the `snapshot:ready` answer through
+the `resync` callback (which hydrates). Events without seq are applied as they come (the
+Applier's version rule makes order irrelevant for them). Runs of single-file changes to the same
+path inside one burst are coalesced to the highest version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from sidecar.errors import QuotaExceededError, SidecarError
+from sidecar.live.apply import Applier, ResyncNeeded
+from sidecar.live.events import (
+    BULK_APPLY,
+    SNAPSHOT_READY,
+    DeltaEvent,
+    InvalidEventError,
+    parse_event,
+)
+from sidecar.metrics import Metrics
+from sidecar.snapshot.manifest import Manifest
+from sidecar.tree.state import StateStore
+
+__all__ = ["ChannelLink", "ResyncFn", "SyncEngine", "SyncTuning"]
+
+log = structlog.get_logger(component="sync")
+
+ResyncFn = Callable[[str, str | None], Awaitable[Manifest]]
+OnApplied = Callable[[list[str]], "Awaitable[None] | None"]
+REJECTED = "sidecar:rejected"  # placeholder for an invalid event that carried a seq
+REPLAY_LIMIT = 25  # what one replay can deliver (protocol notes section 5)
+
+
+class ChannelLink(Protocol):
+    """What the engine needs from the subscription (Subscription implements it)."""
+
+    async def send(self, event: str, payload: dict[str, Any]) -> None: ...
+
+    def rejoin(self, since_ms: int) -> None: ...
+
+    def set_replay_since(self, ms: int, *, rejoin: bool = False) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SyncTuning:
+    """Timing knobs of gap recovery; tests make them small.
+
+    reorder_wait: a gap may be plain reordering (replay vs live during a join): wait this long.
+    replay_wait: after the rejoin-with-replay, wait this long for the gap to fill.
+    request_wait: wait this long for snapshot:ready after snapshot:request (then ask again).
+    replay_margin: seconds subtracted from the receive time used as replay `since`.
+    batch_max: how many queued messages one pass takes (coalescing works within a pass).
+    max_held: events held past a gap beyond this are dropped (the snapshot covers them).
+    coalesce: coalesce runs of single-file changes to one path.
+    """
+
+    reorder_wait: float = 0.5
+    replay_wait: float = 5.0
+    request_wait: float = 60.0
+    replay_margin: float = 5.0
+    batch_max: int = 512
+    max_held: int = 10_000
+    coalesce: bool = True
+
+
+@dataclass(slots=True)
+class _Gap:
+    phase: str  # reorder | replay | request
+    deadline: float
+    opened_at: float
+    rounds: int = 0
+
+
+@dataclass(slots=True)
+class _Request:
+    reason: str
+    last_seq: int | None
+    sent_at: float  # unix
+    deadline: float  # monotonic
+
+
+@dataclass(slots=True)
+class _Item:
+    ev: DeltaEvent
+    received_at: float  # unix
+
+
+class SyncEngine:
+    """Consumes (event, payload, meta) from the subscription and keeps PROJECT_DIR converged.
+
+    Args:
+        applier: applies file changes (rules 1, 2, 3, 6) and records versions and seq.
+        state: the StateStore (meta "seq" is the last applied seq; "snapshot_id").
+        metrics: event outcomes ("buffered", "duplicate", "rejected"...) and resyncs.
+        link: the subscription (send snapshot:request, rejoin with replay); None in tests.
+        resync: async (snapshot_url, sha256) -> Manifest, normally a call to hydrate().
+        session_id: sent in snapshot:request.
+        on_applied: called with the paths each applied event (or resync) changed.
+        tuning: gap-recovery timing.
+    """
+
+    def __init__(
+        self,
+        applier: Applier,
+        state: StateStore,
+        metrics: Metrics,
+        *,
+        link: ChannelLink | None = None,
+        resync: ResyncFn | None = None,
+        session_id: str = "local",
+        on_applied: OnApplied | None = None,
+        tuning: SyncTuning | None = None,
+    ) -> None:
+        self.applier = applier
+        self.state = state
+        self.metrics = metrics
+        self.link = link
+        self.resync_fn = resync
+        self.session_id = session_id
+        self.on_applied = on_applied
+        self.tuning = tuning or SyncTuning()
+        self.hydrated = asyncio.Event()
+        self.queue: asyncio.Queue[tuple[str, Any, Any, float]] = asyncio.Queue()
+        self.counts: dict[str, int] = {}
+        self.last_seq: int | None = None
+        self.last_event_at: float | None = None  # unix receive time of the last event
+        self.last_applied_at: float | None = None
+        self.last_apply_lag: float | None = None
+        self.last_error: str | None = None
+        self.resyncs = 0
+        self._buffer: list[_Item] = []
+        self._held: dict[int, _Item] = {}
+        self._last_seq_received_at: float | None = None  # receive time of event last_seq
+        self._gap: _Gap | None = None
+        self._request: _Request | None = None
+        self._ready_waiters: list[tuple[asyncio.Future[DeltaEvent], float]] = []
+        self._ready: list[_Item] = []
+        self._inflight_since: float | None = None
+        self._idle = asyncio.Event()
+        self._guessed_baseline = False
+
+    # -- input (from realtime-py's listener: must not block or raise) --
+
+    def on_message(self, event: str, payload: dict[str, Any], meta: dict[str, Any] | None) -> None:
+        """Queue one broadcast for run(); safe to call from a realtime-py callback."""
+        self._idle.clear()
+        self.queue.put_nowait((event, payload, meta, time.time()))
+
+    # -- control --
+
+    def mark_hydrated(self, manifest: Manifest | None = None) -> None:
+        """Hydration is done: set the seq baseline, ask for replay since the snapshot was made,
+        and let run() apply the buffer (rule 4)."""
+        seq = self.state.meta("seq")
+        base = seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+        if manifest is not None and manifest.seq is not None:
+            base = manifest.seq if base is None else max(base, manifest.seq)
+        self.last_seq = base
+        self._guessed_baseline = False
+        if base is not None:
+            self.metrics.last_seq.set(base)
+        if manifest is not None and self.link is not None:
+            self.link.set_replay_since(int(manifest.created_at), rejoin=True)
+        log.info("sync.hydrated", last_seq=base, buffered=len(self._buffer))
+        self.hydrated.set()
+        self._idle.clear()
+        self.queue.put_nowait(("", None, None, 0.0))  # wake run() to drain the buffer
+
+    async def wait_idle(self) -> None:
+        """Wait until hydrated and everything received so far (the buffer included) has been
+        processed. Events held past a seq gap do not count: their recovery may take a while."""
+        await self.hydrated.wait()
+        while True:
+            await self._idle.wait()
+            if self.queue.empty():
+                return
+            self._idle.clear()
+
+    async def request_snapshot_and_wait(
+        self,
+        reason: str,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> DeltaEvent:
+        """Send snapshot:request and wait for the next snapshot:ready (self-healing start).
+
+        run() must be running. Raises TimeoutError after `timeout` (default request_wait).
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[DeltaEvent] = loop.create_future()
+        sent_at = time.time()
+        self._ready_waiters.append((fut, sent_at))
+        try:
+            await self._send_request(reason)
+            async with asyncio.timeout(
+                timeout if timeout is not None else self.tuning.request_wait
+            ):
+                return await fut
+        finally:
+            self._ready_waiters = [(f, t) for f, t in self._ready_waiters if f is not fut]
+
+    def status(self) -> dict[str, Any]:
+        """Fields for /status and /readyz."""
+        now = time.time()
+        pending = self.queue.qsize() + len(self._buffer) + len(self._held)
+        oldest = min((i.received_at for i in self._held.values()), default=None)
+        if self._inflight_since is not None:
+            oldest = min(oldest or self._inflight_since, self._inflight_since)
+        return {
+            "hydrated": self.hydrated.is_set(),
+            "last_seq": self.last_seq,
+            "lag": round(now - oldest, 3) if oldest is not None else 0.0,
+            "apply_lag": self.last_apply_lag,
+            "buffered": pending,
+            "held": len(self._held),
+            "gap": None if self._gap is None else self._gap.phase,
+            "snapshot_requested": self._request is not None,
+            "last_event_at": self.last_event_at,
+            "last_applied_at": self.last_applied_at,
+            "resyncs": self.resyncs,
+            "counts": dict(self.counts),
+            "last_error": self.last_error,
+        }
+
+    # -- main loop --
+
+    async def run(self) -> None:
+        """Process events forever (cancel to stop)."""
+        while True:
+            self._inflight_since = None
+            if self.hydrated.is_set() and self.queue.empty() and not self._buffer:
+                self._idle.set()
+            raw = await self._next_batch()
+            if raw:
+                # The oldest message not yet processed: what /status reports as lag.
+                self._inflight_since = min((r[3] for r in raw if r[0]), default=None)
+            items: list[_Item] = []
+            for event, payload, meta, received_at in raw:
+                if not event:
+                    continue  # a wake-up
+                item = self._parse(event, payload, meta, received_at)
+                if item is not None:
+                    items.append(item)
+            await self._handle(items)
+            await self._advance_recovery()
+
+    async def _next_batch(self) -> list[tuple[str, Any, Any, float]]:
+        wait = self._next_deadline()
+        out: list[tuple[str, Any, Any, float]] = []
+        try:
+            async with asyncio.timeout(wait):
+                out.append(await self.queue.get())
+        except TimeoutError:
+            return out
+        while len(out) < self.tuning.batch_max:
+            try:
+                out.append(self.queue.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        return out
+
+    def _next_deadline(self) -> float | None:
+        deadlines = [
+            d
+            for d in (
+                self._gap.deadline if self._gap else None,
+                self._request.deadline if self._request else None,
+            )
+            if d is not None
+        ]
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def _parse(self, event: str, payload: Any, meta: Any, received_at: float) -> _Item | None:
+        self.last_event_at = received_at
+        try:
+            ev = parse_event(event, payload, meta, metrics=self.metrics)
+        except InvalidEventError as exc:
+            self._count("rejected")
+            self.last_error = str(exc)
+            log.warning("sync.event_rejected", event_name=str(event)[:64], reason=str(exc))
+            seq = payload.get("seq") if isinstance(payload, dict) else None
+            if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
+                # The producer spent this seq: hold its place so it is not mistaken for a gap.
+                return _Item(DeltaEvent(REJECTED, seq=seq), received_at)
+            return None
+        if ev.outbound:
+            return None  # our own snapshot:request / file:local-change echoed back
+        return _Item(ev, received_at)
+
+    async def _handle(self, items: list[_Item]) -> None:
+        ready_events: list[_Item] = []
+        for item in items:
+            if item.ev.event == SNAPSHOT_READY:
+                ready_events.append(item)
+                continue
+            if not self.hydrated.is_set():
+                self._buffer.append(item)
+                self.metrics.event(item.ev.event, "buffered")
+                self._count("buffered")
+                continue
+            self._admit(item)
+        for item in ready_events:
+            await self._on_snapshot_ready(item)
+        if self.hydrated.is_set():
+            if self._buffer:
+                buffered, self._buffer = self._buffer, []
+                log.info("sync.buffer_released", events=len(buffered))
+                for item in buffered:
+                    if item.ev.event != SNAPSHOT_READY:
+                        self._admit(item)
+                for item in buffered:
+                    if item.ev.event == SNAPSHOT_READY:
+                        await self._on_snapshot_ready(item)
+            await self._apply_ready()
+
+    # -- seq bookkeeping --
+
+    def _admit(self, item: _Item) -> None:
+        """Route one event: apply-ready list, held past a gap, or duplicate by seq."""
+        seq = item.ev.seq
+        if seq is None:
+            self._ready.append(item)
+            return
+        if self.last_seq is not None and seq <= self.last_seq:
+            if self._guessed_baseline:
+                # The baseline was only the lowest seq seen: let the version rule decide.
+                self._ready.append(item)
+            else:
+                self._duplicate(item)
+            return
+        if seq in self._held:
+            self._duplicate(item)
+            return
+        if len(self._held) >= self.tuning.max_held:
+            log.warning("sync.held_overflow", seq=seq, held=len(self._held))
+            self._count("dropped")
+            return
+        self._held[seq] = item
+
+    def _duplicate(self, item: _Item) -> None:
+        self.metrics.event(item.ev.event, "duplicate")
+        self._count("duplicate")
+
+    def _take_contiguous(self) -> None:
+        if self.last_seq is None and self._held:
+            # No baseline (a producer that never sent seq before, or a first snapshot without
+            # one): the lowest seq seen starts the sequence.
+            self.last_seq = min(self._held) - 1
+            self._guessed_baseline = True
+        expected = None if self.last_seq is None else self.last_seq + 1
+        while expected is not None and expected in self._held:
+            self._ready.append(self._held.pop(expected))
+            expected += 1
+
+    async def _apply_ready(self) -> None:
+        self._take_contiguous()
+        while self._ready:
+            ready, self._ready = self._ready, []
+            for item in self._coalesce(ready):
+                await self._apply_one(item)
+            self._take_contiguous()
+        self._note_seq()
+
+    def _coalesce(self, ready: list[_Item]) -> list[_Item]:
+        """Keep only the highest version of single-file changes to the same path in a run
+        between bulks; superseded ones still advance seq (counted as stale)."""
+        if not self.tuning.coalesce or len(ready) < 2:
+            return ready
+        out: list[_Item] = []
+        run: list[_Item] = []
+
+        def flush() -> None:
+            best: dict[str, _Item] = {}
+            for it in run:
+                ch = it.ev.changes[0]
+                cur = best.get(ch.path)
+                if cur is None or ch.version >= cur.ev.changes[0].version:
+                    best[ch.path] = it
+            keep = {id(it) for it in best.values()}
+            for it in run:
+                if id(it) in keep:
+                    out.append(it)
+                else:
+                    self._superseded(it)
+            run.clear()
+
+        for it in ready:
+            if it.ev.event == BULK_APPLY or len(it.ev.changes) != 1:
+                flush()
+                out.append(it)
+            else:
+                run.append(it)
+        flush()
+        return out
+
+    def _superseded(self, item: _Item) -> None:
+        self.metrics.event(item.ev.event, "stale")
+        self._count("stale")
+        self._advance_seq(item)
+
+    def _advance_seq(self, item: _Item) -> None:
+        seq = item.ev.seq
+        if seq is not None and (self.last_seq is None or seq > self.last_seq):
+            self.last_seq = seq
+            self._last_seq_received_at = item.received_at
+
+    def _note_seq(self) -> None:
+        if self.last_seq is None:
+            return
+        self.metrics.last_seq.set(self.last_seq)
+        recorded = self.state.meta("seq")
+        if not isinstance(recorded, int) or recorded < self.last_seq:
+            self.state.update(meta={"seq": self.last_seq})
+
+    async def _apply_one(self, item: _Item) -> None:
+        ev = item.ev
+        if ev.event == REJECTED:
+            self._advance_seq(item)  # counted when it was parsed
+            return
+        outcome = "rejected"
+        resync: str | None = None
+        try:
+            outcome = await self.applier.apply(ev)
+        except ResyncNeeded as exc:
+            self.last_error, resync = str(exc), exc.reason
+        except (InvalidEventError, QuotaExceededError) as exc:
+            self.last_error = str(exc)  # the Applier counted and logged it
+        except (OSError, SidecarError) as exc:
+            # The disk refused (ENOSPC, EACCES...): the tree may now differ from the state.
+            self.last_error, resync = f"{type(exc).__name__}: {exc}", "apply_failed"
+        if resync == "apply_failed":
+            log.error("sync.apply_failed", event_name=ev.event, seq=ev.seq, error=self.last_error)
+        if resync is not None:
+            await self._want_snapshot(resync)
+        self._advance_seq(item)
+        self._count(outcome)
+        if outcome == "applied":
+            now = time.time()
+            self.last_applied_at = now
+            if ev.timestamp is not None:
+                self.last_apply_lag = max(0.0, now - ev.timestamp)
+            await self._notify([c.path for c in ev.changes])
+
+    async def _notify(self, paths: list[str]) -> None:
+        if self.on_applied is None or not paths:
+            return
+        try:
+            result = self.on_applied(paths)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:  # a hook must never stop the sync
+            log.exception("sync.on_applied_failed")
+
+    def _count(self, outcome: str) -> None:
+        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+
+    # -- gap recovery (rule 5) --
+
+    async def _advance_recovery(self) -> None:
+        if not self.hydrated.is_set():
+            return
+        now = time.monotonic()
+        if self._request is not None and now >= self._request.deadline:
+            log.warning(
+                "sync.snapshot_request_timed_out",
+                reason=self._request.reason,
+                waited=round(time.time() - self._request.sent_at, 1),
+            )
+            await self._send_request(self._request.reason)
+        if not self._held:
+            if self._gap is not None:
+                log.info(
+                    "sync.gap_closed",
+                    last_seq=self.last_seq,
+                    seconds=round(now - self._gap.opened_at, 3),
+                )
+                self._gap = None
+            return
+        gap = self._gap
+        if gap is None:
+            highest = max(self._held)
+            missing = highest - (self.last_seq or 0) - len(self._held)
+            log.warning(
+                "sync.gap_detected",
+                last_seq=self.last_seq,
+                next_held=min(self._held),
+                highest=highest,
+                missing=missing,
+            )
+            self._gap = _Gap("reorder", now + self.tuning.reorder_wait, now)
+            return
+        if now < gap.deadline:
+            return
+        if gap.phase == "reorder":
+            gap.phase = "replay"
+            gap.deadline = now + self.tuning.replay_wait
+            highest = max(self._held)
+            if self.link is not None and highest - (self.last_seq or 0) <= REPLAY_LIMIT:
+                since = self._gap_since()
+                log.info("sync.gap_rejoin", last_seq=self.last_seq, replay_since=since)
+                self.link.rejoin(since)
+                return
+            gap.deadline = now  # replay cannot hold that many: go straight to a snapshot
+        if gap.phase == "replay" and now >= gap.deadline:
+            gap.phase = "request"
+            gap.rounds += 1
+            gap.deadline = now + self.tuning.request_wait
+            await self._want_snapshot("seq_gap")
+        elif gap.phase == "request" and now >= gap.deadline:
+            gap.phase = "reorder"
+            gap.deadline = now
+
+    def _gap_since(self) -> int:
+        base = self._last_seq_received_at
+        if base is None:
+            # Nothing applied since hydration: the snapshot holds everything up to created_at.
+            created = self.state.meta("created_at")
+            if isinstance(created, int) and not isinstance(created, bool):
+                return created
+            base = min(i.received_at for i in self._held.values())
+        return int((base - self.tuning.replay_margin) * 1000)
+
+    async def _want_snapshot(self, reason: str) -> None:
+        if self._request is not None:
+            return
+        await self._send_request(reason)
+
+    async def _send_request(self, reason: str) -> None:
+        now = time.monotonic()
+        self._request = _Request(reason, self.last_seq, time.time(), now + self.tuning.request_wait)
+        payload = {"session_id": self.session_id, "reason": reason, "last_seq": self.last_seq}
+        log.warning("sync.snapshot_requested", reason=reason, last_seq=self.last_seq)
+        if self.link is None:
+            return
+        try:
+            await self.link.send("snapshot:request", payload)
+        except Exception as exc:  # noqa: BLE001 - retried when the request times out
+            log.warning("sync.snapshot_request_failed", error=type(exc).__name__)
+
+    async def _on_snapshot_ready(self, item: _Item) -> None:
+        ev = item.ev
+        waiters = [(f, t) for f, t in self._ready_waiters if not f.done()]
+        fresh = [
+            (f, t)
+            for f, t in waiters
+            if not ev.replayed or (ev.timestamp is not None and ev.timestamp >= t - 5)
+        ]
+        if fresh:
+            for fut, _ in fresh:
+                fut.set_result(ev)
+            self._request = None
+            log.info(
+                "sync.snapshot_ready_received",
+                snapshot_id=ev.snapshot_id,
+                seq=ev.seq,
+                waiters=len(fresh),
+            )
+            return
+        if not self.hydrated.is_set():
+            self._buffer.append(item)  # decided after hydration
+            return
+        req = self._request
+        if req is not None:
+            if ev.seq is not None and req.last_seq is not None and ev.seq < req.last_seq:
+                log.info(
+                    "sync.snapshot_ready_ignored",
+                    snapshot_id=ev.snapshot_id,
+                    seq=ev.seq,
+                    why="older than what was applied",
+                )
+                return
+        else:
+            why = None
+            if ev.snapshot_id == self.state.meta("snapshot_id"):
+                why = "already in place"
+            elif ev.seq is not None and self.last_seq is not None and ev.seq <= self.last_seq:
+                why = "not newer than what was applied"
+            elif ev.seq is None and ev.replayed:
+                why = "replayed answer to an old request"
+            if why is not None:
+                log.info(
+                    "sync.snapshot_ready_ignored", snapshot_id=ev.snapshot_id, seq=ev.seq, why=why
+                )
+                return
+        await self._resync(ev, req.reason if req is not None else "snapshot_ready")
+
+    async def _resync(self, ev: DeltaEvent, reason: str) -> None:
+        if self.resync_fn is None or ev.snapshot_url is None:
+            log.error("sync.resync_unavailable", snapshot_id=ev.snapshot_id)
+            return
+        before = {p: s.sha256 for p, s in self.state.items()}
+        log.info("sync.resync_started", snapshot_id=ev.snapshot_id, seq=ev.seq, reason=reason)
+        try:
+            manifest = await self.resync_fn(ev.snapshot_url, ev.sha256)
+        except (SidecarError, OSError) as exc:
+            self.last_error = f"resync failed: {type(exc).__name__}: {exc}"
+            manifest = None
+        if manifest is None:
+            # Keep the request outstanding: it is re-sent when it times out.
+            log.error("sync.resync_failed", snapshot_id=ev.snapshot_id, error=self.last_error)
+            return
+        self.resyncs += 1
+        self.metrics.inc(self.metrics.resyncs, reason)
+        self._request = None
+        self._gap = None
+        self.applier.recount()
+        if manifest.seq is not None and (self.last_seq is None or manifest.seq > self.last_seq):
+            self.last_seq = manifest.seq
+            self._guessed_baseline = False
+            # A later gap is replayed from when the snapshot was made.
+            self._last_seq_received_at = manifest.created_at / 1000
+        if self.last_seq is not None:
+            self.state.update(meta={"seq": self.last_seq})  # publish wrote the snapshot's
+        dropped = [s for s in self._held if self.last_seq is not None and s <= self.last_seq]
+        for s in dropped:
+            self._duplicate(self._held.pop(s))
+        changed = sorted(p for p, s in self.state.items() if before.get(p) != s.sha256)
+        changed += sorted(p for p in before if self.state.get(p) is None)
+        log.info(
+            "sync.resynced",
+            snapshot_id=manifest.snapshot_id,
+            last_seq=self.last_seq,
+            changed=len(changed),
+            dropped_held=len(dropped),
+        )
+        await self._notify(changed)
+        await self._apply_ready()
+
+    # -- helpers for tests and the app --
+
+    def pending_paths(self) -> Sequence[str]:
+        """Paths of events held past a gap (for /status diagnostics)."""
+        return sorted({c.path for i in self._held.values() for c in i.ev.changes})

@@ -1,0 +1,1091 @@
+"""Streaming snapshot extraction: zstd + tar into a private staging dir, verified, then published.
+
+`SnapshotWriter` takes the compressed `.tar.zst` bytes chunk by chunk, checks every member against
+the manifest (the first member) and the limits while writing into staging, and `publish()`
+converges the project directory to the staged tree. `verify_tree` re-checks a published tree.
+Nothing outside the staging directory is touched before `publish()`.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import queue
+import shutil
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import structlog
+import zstandard
+
+from sidecar.config import Limits
+from sidecar.errors import SidecarError, SnapshotInvalidError, UnsafePathError
+from sidecar.snapshot.manifest import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    FileEntry,
+    Manifest,
+    check_limits,
+    decode_manifest,
+    is_plain_path,
+)
+from sidecar.snapshot.tarstream import BLOCK, MemberType, TarMember, TarReader
+from sidecar.tree.paths import STATE_DIR_NAME, check_rel_path, is_reserved
+from sidecar.tree.state import FileState, StateStore
+
+__all__ = [
+    "PublishResult",
+    "SnapshotWriter",
+    "check_symlink_chains",
+    "new_staging_dir",
+    "verify_tree",
+]
+
+log = structlog.get_logger(component="extract")
+_sha256 = hashlib.sha256
+
+MAX_WINDOW_BYTES = 1 << 24  # zstd window (decoder memory); level 19 needs 8 MiB, --long more
+MAX_EXT_BYTES = 64 * 1024  # pax / GNU long-name data per member (paths are at most 4 KiB)
+MEMBER_OVERHEAD = 4096  # decompressed bytes allowed per member beyond its data (header, pax)
+DIR_OVERHEAD = 2048  # decompressed bytes allowed per directory member
+EXTRA_DIRS = 10_000  # directory members allowed beyond the manifest's own parent dirs
+DECOMPRESS_CHUNK = 1 << 18  # decompressed bytes handed to the tar reader at a time
+QUEUE_DEPTH = 4  # batches (each at most one decompressed chunk) queued for the writer thread
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_SYMLINK_MODE = stat.S_IFLNK | 0o777  # FileState.mode marker for symlinks
+
+
+def check_symlink_chains(links: Mapping[str, str]) -> None:
+    """Raise UnsafePathError if a symlink (path -> target) resolves outside the root when the
+    other symlinks of the same tree are followed (`a -> d/l/..` with `d/l -> ..` escapes)."""
+    for path in links:
+        resolved = path.split("/")[:-1]  # a link's parents are real directories
+        parts = deque(links[path].split("/"))
+        hops = 0
+        while parts:
+            part = parts.popleft()
+            if part in {"", "."}:
+                continue
+            if part == "..":
+                if not resolved:
+                    raise UnsafePathError(f"symlink {path!r} resolves outside the project")
+                resolved.pop()
+                continue
+            resolved.append(part)
+            target = links.get("/".join(resolved))
+            if target is not None:
+                hops += 1
+                if hops > 40 or target.startswith("/"):
+                    raise UnsafePathError(f"symlink {path!r} loops or leaves the project")
+                resolved.pop()
+                parts.extendleft(reversed(target.split("/")))
+
+
+def new_staging_dir(state_dir: Path) -> Path:
+    """A fresh, not yet existing `state_dir/staging-<random>` path for one SnapshotWriter."""
+    return state_dir / f"staging-{os.urandom(6).hex()}"
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """What `SnapshotWriter.publish` changed in the project directory."""
+
+    manifest: Manifest
+    written: int  # files and symlinks moved into place
+    unchanged: int  # files already holding the right bytes (at most a mode fix)
+    removed: int  # paths of the previous tree deleted
+    bytes_written: int
+    seconds: float
+
+
+class _Sink:
+    """The object zstandard's stream_writer pushes decompressed bytes into."""
+
+    __slots__ = ("write",)
+
+    def __init__(self, write: Any) -> None:
+        self.write = write
+
+
+class _Frames:
+    """Follows zstd frame boundaries in the compressed bytes, so a truncated stream is caught.
+
+    python-zstandard's streaming decoders do not say whether the last frame was complete.
+    """
+
+    _MAGIC, _FHD, _BLOCK_HDR, _SKIP_SIZE = range(4)
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self._want = 4
+        self._buf = bytearray()
+        self._field = self._MAGIC
+        self._skip = 0
+        self._after_skip = self._MAGIC  # field expected once the skip ends
+        self._checksum = False
+        self._last = False
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when the bytes so far end exactly after a complete frame."""
+        return self.frames > 0 and self._field == self._MAGIC and not self._buf and not self._skip
+
+    def feed(self, mv: memoryview) -> None:
+        pos, n = 0, len(mv)
+        while pos < n:
+            if self._skip:
+                take = min(n - pos, self._skip)
+                pos += take
+                self._skip -= take
+                if not self._skip:
+                    self._end_skip()
+                continue
+            take = min(self._want - len(self._buf), n - pos)
+            self._buf += mv[pos : pos + take]
+            pos += take
+            if len(self._buf) == self._want:
+                raw = bytes(self._buf)
+                self._buf.clear()
+                self._on_field(raw)
+
+    def _expect(self, field: int, size: int) -> None:
+        self._field, self._want = field, size
+
+    def _end_skip(self) -> None:
+        if self._after_skip == self._BLOCK_HDR:
+            self._expect(self._BLOCK_HDR, 3)
+        else:
+            self.frames += self._after_skip == -1
+            self._expect(self._MAGIC, 4)
+
+    def _skip_then(self, n: int, field: int) -> None:
+        self._after_skip = field
+        if n:
+            self._skip = n
+            self._field = -2  # inside a skip
+        else:
+            self._end_skip()
+
+    def _on_field(self, raw: bytes) -> None:
+        f = self._field
+        if f == self._MAGIC:
+            magic = int.from_bytes(raw, "little")
+            if magic == 0xFD2FB528:
+                self._expect(self._FHD, 1)
+            elif 0x184D2A50 <= magic <= 0x184D2A5F:
+                self._expect(self._SKIP_SIZE, 4)
+            else:
+                raise SnapshotInvalidError("corrupt snapshot: not a zstd stream (bad frame magic)")
+        elif f == self._FHD:
+            fhd = raw[0]
+            if fhd & 0x08:
+                raise SnapshotInvalidError(
+                    "corrupt snapshot: reserved bit set in zstd frame header"
+                )
+            single = bool(fhd & 0x20)
+            fcs = (0 if not single else 1, 2, 4, 8)[fhd >> 6]
+            rest = (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + fcs
+            self._checksum = bool(fhd & 0x04)
+            self._skip_then(rest, self._BLOCK_HDR)
+        elif f == self._BLOCK_HDR:
+            hdr = int.from_bytes(raw, "little")
+            last, btype, size = hdr & 1, (hdr >> 1) & 3, hdr >> 3
+            if btype == 3:
+                raise SnapshotInvalidError("corrupt snapshot: reserved zstd block type")
+            content = 1 if btype == 1 else size
+            if not last:
+                self._skip_then(content, self._BLOCK_HDR)
+            else:
+                self._skip_then(content + (4 if self._checksum else 0), -1)
+        elif f == self._SKIP_SIZE:
+            self._skip_then(int.from_bytes(raw, "little"), self._MAGIC)
+
+
+# File-system operations the parser hands to the writer, as tuples (code, ...):
+#   (_WHOLE, path, mode, data, sha256)  check data, create path with it, close it
+#   (_OPEN, path, mode, sha256)         create path; (_DATA, data) append; (_CLOSE,) close, check
+#   (_MKDIR, path)                      (_SYMLINK, path, target)
+_WHOLE, _OPEN, _DATA, _CLOSE, _MKDIR, _SYMLINK = range(6)
+_CLOSE_OP = (_CLOSE,)
+
+
+class _Pipe:
+    """Hands batches of file-system operations to one helper thread that performs them.
+
+    The calling thread decompresses (zstd releases the GIL) and parses; the helper hashes
+    (hashlib releases the GIL) and makes the system calls. Both halves cost about the same, and
+    the parser's long GIL-free decompression lets the helper's many short steps through. The
+    queue is small and bounded (a batch references at most one decompressed chunk), so memory
+    stays bounded; the helper's first error is kept and raised by `check()`/`close()`.
+    """
+
+    def __init__(self, execute: Callable[[list[tuple[Any, ...]]], None]) -> None:
+        self._execute = execute
+        self._queue: queue.SimpleQueue[list[tuple[Any, ...]] | None] = queue.SimpleQueue()
+        # Free slots as tokens: SimpleQueue blocks in C, cheaper than threading.Semaphore.
+        self._slots: queue.SimpleQueue[None] = queue.SimpleQueue()
+        for _ in range(QUEUE_DEPTH):
+            self._slots.put(None)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._discard = False
+        self._stopped = False
+
+    def put(self, batch: list[tuple[Any, ...]]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="sidecar-extract", daemon=True)
+            self._thread.start()
+        self._slots.get()
+        self._queue.put(batch)
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Wait until every batch was performed; raise the helper's first error."""
+        self.stop(discard=False)
+        self.check()
+
+    def stop(self, *, discard: bool = True) -> None:
+        if self._thread is not None and not self._stopped:
+            self._stopped = True
+            self._discard = discard
+            self._queue.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        get, release, execute = self._queue.get, self._slots.put, self._execute
+        while (batch := get()) is not None:
+            if self._error is None and not self._discard:
+                try:
+                    execute(batch)
+                except BaseException as exc:  # noqa: BLE001 - handed to the producer thread
+                    self._error = exc
+            del batch  # drop the chunk references before the producer may queue another
+            release(None)
+
+
+class _FsWriter:
+    """Performs the file-system operations the parser emits, in order, and hashes every file it
+    writes: content that does not match the manifest's sha256 raises SnapshotInvalidError (a
+    whole file before it is created, a file that spans chunks when it is complete).
+    """
+
+    def __init__(self, root: str, umask: int) -> None:
+        self._root = root
+        self._umask = umask
+        # The file being written, carried from one batch to the next.
+        self._fd = -1
+        self._hash: Any = None
+        self._path = ""
+        self._sha = ""
+
+    def close_fd(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def execute(self, batch: list[tuple[Any, ...]]) -> None:
+        root, umask, flags, sha256 = self._root, self._umask, _OPEN_FLAGS, _sha256
+        write, open_, close = os.write, os.open, os.close
+        fd, h = self._fd, self._hash
+        try:
+            for op in batch:
+                code = op[0]
+                if code == _WHOLE:
+                    _, path, mode, data, sha = op
+                    if sha256(data).hexdigest() != sha:
+                        raise _digest_error(path)
+                    fd = open_(root + path, flags, mode)
+                    if mode & umask:  # the umask took bits the manifest wants
+                        os.fchmod(fd, mode)
+                    done = write(fd, data)
+                    while done < len(data):
+                        done += write(fd, data[done:])
+                    close(fd)
+                    fd = -1
+                elif code == _DATA:
+                    data = op[1]
+                    h.update(data)
+                    done = write(fd, data)
+                    while done < len(data):
+                        done += write(fd, data[done:])
+                elif code == _OPEN:
+                    _, path, mode, sha = op
+                    fd = open_(root + path, flags, mode)
+                    if mode & umask:
+                        os.fchmod(fd, mode)
+                    h = sha256()
+                    self._path, self._sha = path, sha
+                elif code == _CLOSE:
+                    close(fd)
+                    fd = -1
+                    if h.hexdigest() != self._sha:
+                        raise _digest_error(self._path)
+                elif code == _MKDIR:
+                    os.mkdir(root + op[1], 0o755)  # noqa: PTH102 - hot loop: no Path objects
+                else:
+                    os.symlink(op[2], root + op[1])  # noqa: PTH211 - same
+        finally:
+            self._fd, self._hash = fd, h
+
+
+def _digest_error(path: str) -> SnapshotInvalidError:
+    return SnapshotInvalidError(f"{path!r}: content does not match the manifest sha256")
+
+
+class SnapshotWriter:
+    """Consumes the compressed .tar.zst bytes chunk by chunk (sync; run it in a worker thread).
+
+    Decompresses, parses the tar stream, writes regular files into `staging_dir` (same filesystem
+    as `project_dir`), hashes every file and checks it against the manifest (the first member);
+    enforces `limits` from the manifest before any file body is written, and bounds the
+    decompressed bytes by what the manifest declares. Files that `state` says already hold the
+    right bytes (and whose size on disk matches) are hashed but not rewritten, unless listed in
+    `damaged`. `feed`/`finish` raise SnapshotInvalidError (UnsafePathError for paths) or
+    QuotaExceededError; after an error the writer is dead and `abort()` removes staging.
+    Usable as a context manager: leaving the block without `publish()` aborts.
+
+    Internally the calling thread decompresses and parses, while one helper thread hashes and
+    performs the system calls (create, write, close, mkdir); an error found there (a sha256
+    mismatch, a full disk) surfaces on the next `feed()` or in `finish()`.
+    `write_thread=False` does everything in the calling thread. Not thread-safe: call every
+    method from one thread (the one feeding it).
+    """
+
+    def __init__(
+        self,
+        project_dir: Path,
+        staging_dir: Path,
+        limits: Limits,
+        *,
+        state: StateStore | None = None,
+        expected_sha256: str | None = None,
+        project_id: str | None = None,
+        damaged: Collection[str] = (),
+        write_thread: bool = True,
+    ) -> None:
+        self.project_dir = Path(project_dir)
+        self.staging_dir = Path(staging_dir)
+        self.limits = limits
+        self.manifest: Manifest | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.files_done = 0
+        self._state = state
+        self._expected_sha = expected_sha256.lower() if expected_sha256 else None
+        self._project_id = project_id
+        self._damaged = frozenset(damaged)
+        self._sha_in = hashlib.sha256() if expected_sha256 else None
+        self._error: BaseException | None = None
+        self._finished = False
+        self._published = False
+        self._started = time.monotonic()
+
+        self.staging_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if any(os.scandir(self.staging_dir)):
+            raise ValueError(f"staging dir {self.staging_dir} is not empty")
+        self._root = str(self.staging_dir) + "/"
+        self._reserved_top = _staging_top(self.project_dir, self.staging_dir)
+
+        self._frames = _Frames()
+        self._tar = TarReader(self, max_ext_bytes=MAX_EXT_BYTES)
+        dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_BYTES)
+        sink: Any = _Sink(self._on_output)  # anything with write(); typed as IO[bytes] upstream
+        self._zw: Any = dctx.stream_writer(sink, write_size=DECOMPRESS_CHUNK)
+        self._budget = MAX_MANIFEST_BYTES + 2 * MAX_EXT_BYTES + 4 * BLOCK
+
+        # Parser-side state (calling thread).
+        self._files: Mapping[str, FileEntry] = {}
+        self._kinds: dict[str, str] = {}  # path -> "d" | "f" | "l" as staged
+        self._explicit_dirs: set[str] = set()
+        self._unchanged: set[str] = set()
+        self._real_dirs: set[str] = set()  # project dirs checked to be real directories
+        self._max_dirs = 0
+        self._manifest_buf: bytearray | None = None
+        self._manifest_sha = ""
+        self._in_file = False  # inside a regular file's data (begin/data/end)
+        self._skip = False  # ... whose bytes are already on disk: hash here, do not write
+        self._hash: Any = None  # ... its running sha256 (only when skipped)
+        self._cur: FileEntry | None = None
+        # The state knows files: worth asking whether each one is already in place.
+        self._known = state is not None and any(True for _ in state.items())
+        self._bytes_written = 0
+        self._ops: list[tuple[Any, ...]] = []  # file-system work for the current chunk
+        self._fs = _FsWriter(self._root, _current_umask())
+        self._pipe = _Pipe(self._fs.execute) if write_thread else None
+
+    # -- context manager --
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._published:
+            self.abort()
+
+    # -- streaming input --
+
+    def feed(self, chunk: bytes | bytearray | memoryview) -> None:
+        """Consume the next compressed bytes; raises as soon as something is wrong."""
+        if self._error is not None:
+            raise SnapshotInvalidError("snapshot writer already failed") from self._error
+        if self._finished:
+            raise SnapshotInvalidError("data after the end of the snapshot stream")
+        mv = memoryview(chunk)
+        self.bytes_in += len(mv)
+        try:
+            if self._pipe is not None:
+                self._pipe.check()
+            if self._sha_in is not None:
+                self._sha_in.update(mv)
+            self._frames.feed(mv)
+            self._zw.write(mv)
+        except zstandard.ZstdError as exc:
+            self._fail(exc)
+            raise SnapshotInvalidError(f"corrupt snapshot: {exc}") from None
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+
+    def finish(self) -> Manifest:
+        """End of stream: raise unless the stream was complete and every promised file arrived."""
+        if self._error is not None:
+            raise SnapshotInvalidError("snapshot writer already failed") from self._error
+        if self._finished:
+            assert self.manifest is not None
+            return self.manifest
+        try:
+            manifest = self._check_complete()
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        self._finished = True
+        log.info(
+            "extract.staged",
+            files=self.files_done,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            seconds=round(time.monotonic() - self._started, 3),
+        )
+        return manifest
+
+    def _check_complete(self) -> Manifest:
+        if self._pipe is not None:
+            self._pipe.close()  # the helper's own error, if any, is the real cause
+        self._zw = None  # the stream has ended: free the decoder's window now
+        if self.bytes_in == 0:
+            raise SnapshotInvalidError("snapshot is empty")
+        if not self._frames.at_boundary:
+            raise SnapshotInvalidError("snapshot truncated: the zstd stream ends mid-frame")
+        self._tar.close()
+        if self.manifest is None:
+            raise SnapshotInvalidError(f"snapshot has no {MANIFEST_NAME} manifest")
+        missing = [
+            p
+            for p, e in self._files.items()
+            if self._kinds.get(p) != ("l" if e.target is not None else "f")
+        ]
+        if missing:
+            raise SnapshotInvalidError(
+                f"{len(missing)} file(s) listed in the manifest are missing from the "
+                f"archive, first {min(missing)!r}"
+            )
+        if self._sha_in is not None and self._sha_in.hexdigest() != self._expected_sha:
+            raise SnapshotInvalidError("snapshot sha256 does not match SNAPSHOT_SHA256")
+        return self.manifest
+
+    def abort(self) -> None:
+        """Stop the helper thread and remove the staging dir; the project dir is untouched."""
+        self._stop()
+        shutil.rmtree(self.staging_dir, ignore_errors=True)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._pipe is not None:
+            self._pipe.stop()
+        self._fs.close_fd()
+
+    # -- decompressed bytes --
+
+    def _on_output(self, data: bytes) -> None:
+        """Parse one decompressed chunk and pass on the file-system work it implies."""
+        self.bytes_out += len(data)
+        if self.bytes_out > self._budget:
+            if self.manifest is None:
+                raise SnapshotInvalidError("snapshot does not start with a bounded manifest")
+            raise SnapshotInvalidError(
+                f"decompressed stream exceeds what the manifest declares ({self._budget} bytes)"
+            )
+        self._tar.feed(data)
+        ops = self._ops
+        if ops:
+            self._ops = []
+            if self._pipe is not None:
+                self._pipe.put(ops)
+            else:
+                self._fs.execute(ops)
+
+    # -- TarHandler --
+
+    def begin(self, member: TarMember) -> None:
+        """TarHandler: a member starts (called by the tar reader)."""
+        if self.manifest is None:
+            self._begin_manifest(member)
+            return
+        mtype = member.type
+        if mtype is MemberType.FILE:
+            entry = self._files.get(member.name)  # manifest paths are already validated
+            if entry is not None and entry.target is None and member.name not in self._kinds:
+                self._begin_file(member.name, entry, member.size)
+                return
+            path = self._checked(member.name)
+            if member.name.endswith("/"):
+                raise SnapshotInvalidError(f"regular file member with a directory name: {path!r}")
+            entry = self._files.get(path)
+            if path in self._kinds:
+                raise self._clash(path, "f")
+            if entry is None or entry.target is not None:
+                what = "a symlink" if entry is not None else "not in the manifest"
+                raise SnapshotInvalidError(f"archive file {path!r} is {what}")
+            self._begin_file(path, entry, member.size)
+            return
+        path = self._checked(member.name)
+        if mtype is MemberType.DIR:
+            self._add_dir(path)
+        elif mtype is MemberType.SYMLINK:
+            self._add_symlink(path, member)
+        elif mtype is MemberType.HARDLINK:
+            raise SnapshotInvalidError(f"hard link {path!r} -> {member.linkname!r} is not allowed")
+        elif mtype in (MemberType.CHARDEV, MemberType.BLOCKDEV, MemberType.FIFO):
+            raise SnapshotInvalidError(f"{path!r} is a {mtype.value}; not allowed in a snapshot")
+        else:
+            raise SnapshotInvalidError(
+                f"{path!r} has unsupported tar type {member.typeflag!r}; not allowed"
+            )
+
+    def whole(self, member: TarMember, data: memoryview) -> None:
+        """TarHandler fast path: a member whose data is all in the current chunk."""
+        name = member.name
+        entry = self._files.get(name)
+        if (
+            entry is None
+            or member.type is not MemberType.FILE
+            or entry.target is not None
+            or name in self._kinds
+        ):
+            self.begin(member)
+            self.data(data)
+            self.end()
+            return
+        if not self._claim_file(name, entry, member.size):
+            self._ops.append((_WHOLE, entry.path, entry.mode, data, entry.sha256))
+        elif _sha256(data).hexdigest() != entry.sha256:  # already on disk: only verify
+            raise _digest_error(name)
+        self.files_done += 1
+
+    def data(self, chunk: memoryview) -> None:
+        """TarHandler: member bytes."""
+        if self._in_file:
+            if self._hash is not None:
+                self._hash.update(chunk)
+            if not self._skip:
+                self._ops.append((_DATA, chunk))
+        elif self._manifest_buf is not None:
+            self._manifest_buf += chunk
+
+    def end(self) -> None:
+        """TarHandler: the member is complete."""
+        if self._in_file:
+            self._end_file()
+        elif self._manifest_buf is not None:
+            raw = self._manifest_buf
+            self._manifest_buf = None
+            self._set_manifest(raw)
+
+    @staticmethod
+    def _checked(name: str) -> str:
+        path = name if is_plain_path(name) else check_rel_path(name)
+        if is_reserved(path) or path == MANIFEST_NAME:
+            raise UnsafePathError(f"archive member uses a reserved path: {path!r}")
+        return path
+
+    def _begin_manifest(self, member: TarMember) -> None:
+        name = member.name.removeprefix("./")
+        if name != MANIFEST_NAME or member.type is not MemberType.FILE:
+            raise SnapshotInvalidError(
+                f"first archive member must be the regular file {MANIFEST_NAME}, "
+                f"got {member.name[:200]!r}"
+            )
+        if member.size > MAX_MANIFEST_BYTES:
+            raise SnapshotInvalidError(f"manifest is {member.size} bytes, over 64 MiB")
+        self._manifest_buf = bytearray()
+
+    def _set_manifest(self, raw: bytearray) -> None:
+        self._manifest_sha = hashlib.sha256(raw).hexdigest()
+        text = decode_manifest(raw)
+        raw.clear()  # release the bytes before the entries are built (lower peak memory)
+        manifest = Manifest.parse(text)
+        del text
+        if self._project_id is not None and manifest.project_id != self._project_id:
+            raise SnapshotInvalidError(
+                f"snapshot is for project {manifest.project_id!r}, not {self._project_id!r}"
+            )
+        files = manifest.files
+        links: dict[str, str] = {}
+        data = total = 0  # archive bytes the file members occupy; their sizes
+        for entry in files.values():
+            size = entry.size
+            total += size
+            data += size + (-size % BLOCK)
+            if entry.target is not None:
+                target = entry.target.encode()
+                if entry.sha256 != hashlib.sha256(target).hexdigest() or size != len(target):
+                    raise SnapshotInvalidError(
+                        f"manifest entry {entry.path!r}: a symlink's size and sha256 must be "
+                        "those of its target"
+                    )
+                links[entry.path] = entry.target
+        top = self._reserved_top
+        if top is not None and top != STATE_DIR_NAME:  # Manifest.parse refuses .sidecar already
+            for p in files:
+                if p == top or p.startswith(top + "/"):
+                    raise UnsafePathError(f"{p!r} is inside the sidecar's state directory")
+        check_symlink_chains(links)
+        check_limits(files.values(), self.limits)
+        ancestors: set[str] = set()
+        for p in files:
+            p = p.rpartition("/")[0]
+            while p and p not in ancestors:
+                ancestors.add(p)
+                p = p.rpartition("/")[0]
+        self._max_dirs = len(ancestors) + EXTRA_DIRS
+        del ancestors
+        self._budget = (
+            self.bytes_out
+            + data
+            + len(files) * MEMBER_OVERHEAD
+            + self._max_dirs * DIR_OVERHEAD
+            + (1 << 20)
+        )
+        self._files = files
+        self.manifest = manifest
+        log.debug(
+            "extract.manifest", snapshot_id=manifest.snapshot_id, files=len(files), bytes=total
+        )
+
+    def _begin_file(self, path: str, entry: FileEntry, size: int) -> None:
+        self._skip = skip = self._claim_file(path, entry, size)
+        self._cur = entry
+        if skip:  # already on disk: only verify
+            self._hash = _sha256()
+        else:
+            self._hash = None  # the writer hashes what it writes
+            self._ops.append((_OPEN, entry.path, entry.mode, entry.sha256))
+        self._in_file = True
+        if not size:
+            self._end_file()
+
+    def _end_file(self) -> None:
+        self._in_file = False
+        entry = self._cur
+        assert entry is not None
+        if self._hash is not None and self._hash.hexdigest() != entry.sha256:
+            raise _digest_error(entry.path)
+        if not self._skip:
+            self._ops.append(_CLOSE_OP)
+        self.files_done += 1
+
+    def _claim_file(self, path: str, entry: FileEntry, size: int) -> bool:
+        """Check a regular file member against its entry; True if the disk already has it."""
+        if size != entry.size:
+            raise SnapshotInvalidError(
+                f"{path!r}: archive has {size} bytes, the manifest says {entry.size}"
+            )
+        path = entry.path  # the manifest's string: do not keep the archive's copy alive
+        parent = path.rpartition("/")[0]
+        if parent and self._kinds.get(parent) != "d":
+            self._ensure_parents(path)
+        self._kinds[path] = "f"
+        if self._known and self._is_unchanged(path, entry):
+            self._unchanged.add(path)
+            return True
+        self._bytes_written += size
+        return False
+
+    def _is_unchanged(self, path: str, entry: FileEntry) -> bool:
+        assert self._state is not None
+        if path in self._damaged:
+            return False
+        known = self._state.get(path)
+        if known is None or known.sha256 != entry.sha256:
+            return False
+        if not self._real_parents(path):
+            return False
+        try:
+            st = (self.project_dir / path).lstat()
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_size == entry.size
+
+    def _real_parents(self, path: str) -> bool:
+        """True when every parent of path in the project is a real directory (no symlinks)."""
+        parent = path.rpartition("/")[0]
+        if not parent or parent in self._real_dirs:
+            return True
+        cur = ""
+        for part in parent.split("/"):
+            cur = f"{cur}/{part}" if cur else part
+            if cur in self._real_dirs:
+                continue
+            try:
+                if not stat.S_ISDIR((self.project_dir / cur).lstat().st_mode):
+                    return False
+            except OSError:
+                return False
+            self._real_dirs.add(cur)
+        return True
+
+    def _add_dir(self, path: str) -> None:
+        if path in self._explicit_dirs:
+            raise SnapshotInvalidError(f"duplicate directory member {path!r}")
+        if path in self._files:
+            raise SnapshotInvalidError(f"{path!r} is both a file and a directory")
+        kind = self._kinds.get(path)
+        if kind is not None and kind != "d":
+            raise self._clash(path, "d")
+        self._explicit_dirs.add(path)
+        if len(self._explicit_dirs) > self._max_dirs:
+            raise SnapshotInvalidError("too many directory members for the manifest's files")
+        if kind is None:
+            self._ensure_parents(path)
+            self._ops.append((_MKDIR, path))
+            self._kinds[path] = "d"
+
+    def _add_symlink(self, path: str, member: TarMember) -> None:
+        entry = self._files.get(path)
+        if entry is None or entry.target is None:
+            what = "a regular file" if entry is not None else "not in the manifest"
+            raise SnapshotInvalidError(f"symlink {path!r} -> {member.linkname!r} is {what}")
+        if member.linkname != entry.target:
+            raise SnapshotInvalidError(
+                f"symlink {path!r} points to {member.linkname!r}, the manifest says "
+                f"{entry.target!r}"
+            )
+        if path in self._kinds:
+            raise self._clash(path, "l")
+        self._ensure_parents(path)
+        self._ops.append((_SYMLINK, path, entry.target))
+        self._kinds[path] = "l"
+        self.files_done += 1
+
+    def _ensure_parents(self, path: str) -> None:
+        parent = path.rpartition("/")[0]
+        if not parent or self._kinds.get(parent) == "d":
+            return
+        cur = ""
+        for part in parent.split("/"):
+            cur = f"{cur}/{part}" if cur else part
+            kind = self._kinds.get(cur)
+            if kind == "d":
+                continue
+            if kind == "l":
+                raise UnsafePathError(f"{path!r} would be written through the symlink {cur!r}")
+            if kind == "f" or cur in self._files:
+                raise SnapshotInvalidError(f"{cur!r} is both a file and a directory")
+            self._ops.append((_MKDIR, cur))
+            self._kinds[cur] = "d"
+
+    def _clash(self, path: str, new: str) -> SnapshotInvalidError:
+        old = self._kinds.get(path)
+        if old == new:
+            return SnapshotInvalidError(f"duplicate archive member {path!r}")
+        if "d" in (old, new):
+            return SnapshotInvalidError(f"{path!r} is both a file and a directory")
+        return SnapshotInvalidError(f"{path!r} appears both as a file and a symlink")
+
+    # -- publishing --
+
+    def publish(self, state: StateStore) -> PublishResult:
+        """Converge project_dir to the staged tree, record it in `state`, remove staging.
+
+        Each file appears by one atomic rename; files of the previous tree (per `state`) that the
+        snapshot no longer has are deleted; untracked files are left alone unless they are in
+        the way. `.sidecar` is never touched.
+        """
+        manifest = self.finish()
+        if self._published:
+            raise RuntimeError("snapshot already published")
+        t0 = time.monotonic()
+        project = self.project_dir
+        project.mkdir(parents=True, exist_ok=True)
+        new_dirs = sorted(p for p, k in self._kinds.items() if k == "d")
+        written = unchanged = removed = 0
+        if self._project_is_empty():
+            # Fresh project: moving the top-level entries moves the whole tree.
+            for entry in sorted(self.staging_dir.iterdir()):
+                entry.rename(project / entry.name)
+            written = sum(1 for k in self._kinds.values() if k != "d")
+        else:
+            for d in new_dirs:
+                _ensure_real_dir(project / d)
+            for path, kind in self._kinds.items():
+                if kind == "d":
+                    continue
+                dst = project / path
+                if path in self._unchanged:
+                    unchanged += 1
+                    try:
+                        st = dst.lstat()
+                    except FileNotFoundError:
+                        log.warning("extract.unchanged_file_vanished", path=path)
+                        continue
+                    mode = self._files[path].mode
+                    if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != mode:
+                        dst.chmod(mode)
+                    continue
+                _clear_dir(dst)
+                _move(self.staging_dir / path, dst)
+                written += 1
+            removed = self._remove_stale(state)
+        # The staged tree has been moved: drop the bookkeeping before building the state rows
+        # (lower peak memory; a second publish() is refused anyway).
+        self._published = True
+        del new_dirs
+        self._kinds, self._unchanged, self._explicit_dirs, self._real_dirs = {}, set(), set(), set()
+        self._record(state, manifest)
+        shutil.rmtree(self.staging_dir, ignore_errors=True)
+        seconds = round(time.monotonic() - t0, 3)
+        log.info(
+            "extract.published",
+            snapshot_id=manifest.snapshot_id,
+            written=written,
+            unchanged=unchanged,
+            removed=removed,
+            seconds=seconds,
+        )
+        return PublishResult(
+            manifest=manifest,
+            written=written,
+            unchanged=unchanged,
+            removed=removed,
+            bytes_written=self._bytes_written,
+            seconds=seconds,
+        )
+
+    def _project_is_empty(self) -> bool:
+        reserved = {STATE_DIR_NAME, self._reserved_top}
+        with os.scandir(self.project_dir) as it:
+            return all(e.name in reserved for e in it)
+
+    def _remove_stale(self, state: StateStore) -> int:
+        removed = 0
+        prune: set[str] = set()
+        for path in state.live():
+            if path in self._files or self._kinds.get(path) == "d" or is_reserved(path):
+                continue
+            if not _parents_are_dirs(self.project_dir, path):
+                continue  # an ancestor was replaced by a file or symlink: already gone
+            dst = self.project_dir / path
+            try:
+                if stat.S_ISDIR(dst.lstat().st_mode):
+                    continue
+                dst.unlink()
+                removed += 1
+            except FileNotFoundError:
+                continue
+            parent = path.rpartition("/")[0]
+            while parent and parent not in prune:
+                prune.add(parent)
+                parent = parent.rpartition("/")[0]
+        for d in sorted(prune, key=lambda p: p.count("/"), reverse=True):
+            if self._kinds.get(d) == "d" or is_reserved(d):
+                continue
+            try:
+                (self.project_dir / d).rmdir()
+            except OSError:
+                pass  # not empty (untracked files) or already gone
+        return removed
+
+    def _record(self, state: StateStore, manifest: Manifest) -> None:
+        files = manifest.files
+        old_items = state.items()  # taken now, before replace_all swaps the mirror
+
+        def rows() -> Iterator[tuple[str, FileState]]:
+            # A generator: replace_all builds its own dict, so no second copy of the tree.
+            for path, e in files.items():
+                mode = _SYMLINK_MODE if e.target is not None else e.mode
+                yield path, FileState(e.version, e.sha256, e.size, mode)
+            for path, old in old_items:
+                if path not in files:
+                    yield path, old if old.deleted else FileState(old.version, None, 0, old.mode)
+
+        meta: dict[str, object] = {
+            "snapshot_id": manifest.snapshot_id,
+            "project_id": manifest.project_id,
+            "created_at": manifest.created_at,
+            "seq": manifest.seq,
+            "manifest_sha256": self._manifest_sha,
+        }
+        if self._sha_in is not None:
+            meta["snapshot_sha256"] = self._sha_in.hexdigest()
+        state.replace_all(rows(), meta)
+
+
+def _staging_top(project_dir: Path, staging_dir: Path) -> str | None:
+    """The project's top-level entry holding staging (the state dir), if it is inside."""
+    try:
+        rel = staging_dir.absolute().resolve().relative_to(project_dir.absolute().resolve())
+    except (ValueError, OSError):
+        return None
+    return rel.parts[0] if rel.parts else None
+
+
+def _current_umask() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o777  # unknown: always fchmod
+
+
+def _ensure_real_dir(path: Path) -> None:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        path.mkdir(0o755)
+        return
+    if stat.S_ISDIR(st.st_mode):
+        return
+    path.unlink()  # a file or symlink where the snapshot has a directory
+    path.mkdir(0o755)
+
+
+def _clear_dir(path: Path) -> None:
+    """Remove a real directory that stands where a file or symlink must go."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+
+
+def _move(src: Path, dst: Path) -> None:
+    try:
+        src.replace(dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        # Staging on another filesystem: copy next to the target, then rename atomically.
+        tmp = dst.with_name(f".{dst.name}.sidecar-{os.urandom(4).hex()}")
+        if src.is_symlink():
+            tmp.symlink_to(src.readlink())
+        else:
+            shutil.copy2(src, tmp)
+        tmp.replace(dst)
+        src.unlink()
+
+
+def _parents_are_dirs(root: Path, rel: str) -> bool:
+    cur = root
+    for part in rel.split("/")[:-1]:
+        cur = cur / part
+        try:
+            if not stat.S_ISDIR(cur.lstat().st_mode):
+                return False
+        except FileNotFoundError:
+            return False
+    return True
+
+
+def verify_tree(project_dir: Path, state: StateStore, *, workers: int = 2) -> list[str]:
+    """Paths that `state` says exist but are missing or differ on disk (type, size, mode, sha256).
+
+    A file reached through a symlinked directory counts as damaged. Hashing runs on `workers`
+    threads (hashlib and reads release the GIL).
+    """
+    items = sorted(state.live().items())
+    root = str(project_dir) + "/"
+    real_dirs: set[str] = set()
+
+    def parents_ok(path: str) -> bool:
+        parent = path.rpartition("/")[0]
+        if not parent or parent in real_dirs:
+            return True
+        cur = ""
+        for part in parent.split("/"):
+            cur = f"{cur}/{part}" if cur else part
+            if cur not in real_dirs:
+                if not stat.S_ISDIR(os.lstat(root + cur).st_mode):
+                    return False
+                real_dirs.add(cur)
+        return True
+
+    def is_bad(path: str, known: FileState) -> bool:
+        try:
+            check_rel_path(path)
+            if not parents_ok(path):
+                return True
+            full = root + path
+            st = os.lstat(full)
+            if stat.S_ISLNK(known.mode):
+                if not stat.S_ISLNK(st.st_mode):
+                    return True
+                target = os.fsencode(Path(full).readlink())
+                return hashlib.sha256(target).hexdigest() != known.sha256
+            if (
+                not stat.S_ISREG(st.st_mode)
+                or st.st_size != known.size
+                or stat.S_IMODE(st.st_mode) != known.mode & 0o7777
+            ):
+                return True
+            return _file_sha256(full, st.st_size) != known.sha256
+        except (OSError, SidecarError):
+            return True
+
+    def run(part: list[tuple[str, FileState]]) -> list[str]:
+        return [path for path, known in part if is_bad(path, known)]
+
+    n = max(1, min(workers, len(items) // 64 or 1))
+    if n == 1:
+        return run(items)
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="sidecar-verify") as pool:
+        parts = list(pool.map(run, [items[i::n] for i in range(n)]))
+    return sorted(p for part in parts for p in part)
+
+
+def _file_sha256(path: str, size: int) -> str:
+    """sha256 of a regular file, read without following a symlink at the last component."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if size <= DECOMPRESS_CHUNK:
+            return hashlib.sha256(os.read(fd, size + 1)).hexdigest()
+        h = hashlib.sha256()
+        while chunk := os.read(fd, DECOMPRESS_CHUNK):
+            h.update(chunk)
+        return h.hexdigest()
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""A protocol-faithful Supabase Realtime server for tests: wire format, tokens, sockets, server."""

@@ -1,0 +1,1 @@
+"""Local changes out: the watcher, the push through the database RPCs, conflicts and merges."""

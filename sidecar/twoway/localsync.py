@@ -1,0 +1,993 @@
+"""Two-way sync of local changes: report them, push them upstream, resolve conflicts by policy.
+
+For every path the watcher reports (its bytes differ from what the sidecar last synced),
+`LocalSync`:
+
+1. checks the quota (SIDECAR_MAX_BYTES / _FILES / _FILE_BYTES): growth over a limit is refused,
+   counted (`sidecar_quota_refusals{source="local"}`), flagged in `status()` and broadcast,
+   and never pushed;
+2. broadcasts `file:local-change` with a unified diff against the last synced bytes (or the
+   size, for binaries) through the `send` callback, when one is given;
+3. with an `Upstream`, pushes the bytes with `expected_version` = the version it last synced and
+   records the new head version and sha256 in the StateStore, so the broadcast of its own push
+   comes back as a duplicate. A stale `expected_version` is a conflict, resolved by policy:
+   `remote-wins` keeps the database's bytes and saves the local ones aside, `local-wins` re-pushes
+   over the new head (saving the remote bytes aside), `merge` pushes a clean three-way merge
+   against the last common version and otherwise falls back to `remote-wins`.
+
+A remote update for a path that was changed locally since its last sync is a conflict as well:
+the apply flow calls `check_remote` (or `before_apply`) before applying it.
+
+Pushes and conflict resolution run while `Applier.lock` is held (one attempt per hold; retries
+wait outside it), so a remote update is never applied in the middle of a push. Losing bytes are
+saved as `state_dir/conflicts/<dir>/<name>.sync-conflict-<YYYYMMDD>-<HHMMSS>-<session>.<ext>`
+(Syncthing's naming). Last synced bytes of text files (up to `base_max_bytes`) are kept,
+content-addressed, under `state_dir/base/` for diffs and merges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import aiohttp
+import structlog
+
+from sidecar.config import ConflictPolicy, Limits, Settings, SyncSettings
+from sidecar.errors import SidecarError
+from sidecar.live.events import DeltaEvent, FileChange
+from sidecar.metrics import Metrics
+from sidecar.tree import fsio
+from sidecar.tree.paths import resolve_inside
+from sidecar.tree.state import FileState, StateStore
+from sidecar.twoway.merge import is_text, merge3, unified_diff
+from sidecar.twoway.upstream import ConflictError, RemoteFile, Upstream, UpstreamError
+from sidecar.twoway.watcher import LocalChange, Watcher, _examine
+
+__all__ = [
+    "BaseStore",
+    "Conflict",
+    "LocalSync",
+    "Outcome",
+    "conflict_name",
+]
+
+log = structlog.get_logger(component="localsync")
+
+Outcome = Literal["unchanged", "reported", "pushed", "conflict", "refused", "failed"]
+Resolution = Literal["remote-kept", "local-kept", "merged"]
+SendFn = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+DEFAULT_BASE_MAX_BYTES = 1024 * 1024
+DEFAULT_BASE_MEMORY_BYTES = 32 * 1024 * 1024
+MAX_DIFF_BYTES = 128 * 1024  # keeps file:local-change under the Realtime payload limits
+MAX_CONFLICT_ROUNDS = 5
+GC_EVERY_PUTS = 256  # base copies written between two clean-ups of unreferenced ones
+_SESSION_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """One conflict and how it was resolved; `saved` is the losing copy (relative to state_dir)."""
+
+    path: str
+    policy: str
+    resolution: Resolution
+    origin: Literal["push", "remote"]  # found by our push, or by a remote update
+    local_hash: str | None
+    remote_hash: str | None
+    remote_version: int | None
+    base_version: int | None
+    saved: str | None
+    timestamp: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as /status and `file:conflict` show it."""
+        out = asdict(self)
+        out["timestamp"] = int(self.timestamp * 1000)
+        return out
+
+
+class BaseStore:
+    """Last synced bytes of text files, by sha256: a memory LRU in front of
+    `root/<sha[:2]>/<sha256>` files.
+
+    Copies of remote updates go to memory only (`persist=False`): a storm of updates costs no
+    extra disk writes. An entry superseded by a newer version of its path is dropped; one
+    evicted from memory while still possibly needed is written to disk, as is everything on
+    `flush()` and every `persist=True` put.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        max_bytes: int = DEFAULT_BASE_MAX_BYTES,
+        memory_bytes: int = DEFAULT_BASE_MEMORY_BYTES,
+    ) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.memory_bytes = memory_bytes
+        self.puts = 0  # disk copies written since the last gc
+        self._mem: OrderedDict[str, bytes] = OrderedDict()
+        self._mem_size = 0
+
+    def _path(self, sha: str) -> Path:
+        return self.root / sha[:2] / sha
+
+    def has(self, sha: str) -> bool:
+        """True when the bytes with this sha256 are kept."""
+        return sha in self._mem or self._path(sha).is_file()
+
+    def get(self, sha: str | None) -> bytes | None:
+        """The bytes whose sha256 is sha, or None (not kept, or damaged)."""
+        if not sha:
+            return None
+        data = self._mem.get(sha)
+        if data is not None:
+            self._mem.move_to_end(sha)
+            return data
+        try:
+            data = self._path(sha).read_bytes()
+        except OSError:
+            return None
+        return data if hashlib.sha256(data).hexdigest() == sha else None
+
+    def put(
+        self,
+        data: bytes,
+        sha: str | None = None,
+        *,
+        persist: bool = False,
+        replaces: str | None = None,
+    ) -> None:
+        """Keep data if it is text within the size cap (idempotent).
+
+        `replaces`: the sha256 this version supersedes (dropped from memory).
+        """
+        if replaces and replaces != sha:
+            self._drop(replaces)
+        if len(data) > self.max_bytes:
+            return
+        sha = sha or hashlib.sha256(data).hexdigest()
+        if sha in self._mem:
+            self._mem.move_to_end(sha)
+            if persist:
+                self._write(sha, data)
+            return
+        if not is_text(data):
+            return
+        if persist:
+            self._write(sha, data)
+            return
+        if self._path(sha).is_file():
+            return
+        self._mem[sha] = data
+        self._mem_size += len(data)
+        while self._mem_size > self.memory_bytes and len(self._mem) > 1:
+            old, old_data = self._mem.popitem(last=False)
+            self._mem_size -= len(old_data)
+            self._write(old, old_data)
+
+    def flush(self, keep: set[str] | None = None) -> int:
+        """Move the copies held in memory to disk (only those in keep, if given); the count."""
+        n = 0
+        while self._mem:
+            sha, data = self._mem.popitem(last=False)
+            self._mem_size -= len(data)
+            if keep is None or sha in keep:
+                n += self._write(sha, data)
+        return n
+
+    def gc(self, keep: set[str]) -> int:
+        """Remove every kept copy whose sha256 is not in keep; the number removed."""
+        removed = 0
+        self.puts = 0
+        for sha in [s for s in self._mem if s not in keep]:
+            self._drop(sha)
+        if not self.root.is_dir():
+            return 0
+        for sub in self.root.iterdir():
+            if not sub.is_dir():
+                continue
+            for f in sub.iterdir():
+                if f.name not in keep:
+                    with contextlib.suppress(OSError):
+                        f.unlink()
+                        removed += 1
+        return removed
+
+    def _drop(self, sha: str) -> None:
+        data = self._mem.pop(sha, None)
+        if data is not None:
+            self._mem_size -= len(data)
+
+    def _write(self, sha: str, data: bytes) -> int:
+        target = self._path(sha)
+        if target.is_file():
+            return 0
+        self.puts += 1
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = fsio.write_temp(target.parent, sha, data, 0o600)
+        tmp.replace(target)
+        return 1
+
+
+def conflict_name(rel: str, when: float, session_id: str) -> str:
+    """`dir/name.sync-conflict-YYYYMMDD-HHMMSS-session.ext` for rel (Syncthing's pattern)."""
+    directory, _, name = rel.rpartition("/")
+    stamp = datetime.fromtimestamp(when, UTC).strftime("%Y%m%d-%H%M%S")
+    session = _SESSION_SAFE.sub("_", session_id)[:40] or "local"
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem:  # no extension, or a dotfile such as .env
+        stem, ext = name, ""
+    out = f"{stem}.sync-conflict-{stamp}-{session}" + (f".{ext}" if ext else "")
+    return f"{directory}/{out}" if directory else out
+
+
+class LocalSync:
+    """Reports and pushes local changes and resolves conflicts (see the module docstring).
+
+    Args:
+        project_dir, state_dir: the tree and the sidecar's own directory.
+        state: what the sidecar last synced; `lock` is `Applier.lock`.
+        policy: SIDECAR_CONFLICT.
+        send: broadcasts on the project channel (Subscription.send); None when the token may
+            not write. A failing or denied send is counted and logged, never fatal.
+        upstream: pushes to the database (SIDECAR_UPSTREAM=rpc); None only reports.
+        push_attempts: attempts per push on transient upstream errors before the path is
+            parked as failed (retried every `retry_interval` seconds by `run`).
+    """
+
+    def __init__(
+        self,
+        project_dir: Path,
+        state_dir: Path,
+        state: StateStore,
+        metrics: Metrics,
+        *,
+        lock: asyncio.Lock,
+        limits: Limits | None = None,
+        policy: ConflictPolicy = "remote-wins",
+        project_id: str = "local",
+        session_id: str = "local",
+        send: SendFn | None = None,
+        upstream: Upstream | None = None,
+        write_mode: str = "atomic",
+        base_max_bytes: int = DEFAULT_BASE_MAX_BYTES,
+        push_attempts: int = 4,
+        backoff_initial: float = 0.2,
+        backoff_max: float = 5.0,
+        retry_interval: float = 30.0,
+        max_listed_conflicts: int = 100,
+        http: aiohttp.ClientSession | None = None,
+        ignore: Iterable[str] = SyncSettings().ignore,
+    ) -> None:
+        if policy not in ("remote-wins", "local-wins", "merge"):
+            raise ValueError(f"unknown conflict policy {policy!r}")
+        self.project_dir = Path(project_dir).absolute()
+        self.state_dir = Path(state_dir).absolute()
+        self.state = state
+        self.metrics = metrics
+        self.lock = lock
+        self.limits = limits or Limits()
+        self.policy: ConflictPolicy = policy
+        self.project_id = project_id
+        self.session_id = session_id
+        self.send = send
+        self.upstream = upstream
+        self.write_mode = write_mode
+        self.ignore = tuple(ignore)
+        self.bases = BaseStore(self.state_dir / "base", base_max_bytes)
+        self.conflicts_dir = self.state_dir / "conflicts"
+        self.push_attempts = max(1, push_attempts)
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.retry_interval = retry_interval
+        self.conflicts: deque[Conflict] = deque(maxlen=max_listed_conflicts)
+        self.conflicts_total = 0
+        self.counts: dict[str, int] = {}
+        self.refused: dict[str, str] = {}  # path -> reason (quota)
+        self.failed: dict[str, str] = {}  # path -> last upstream error
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._http = http
+        self._own_http = False
+        self._outbox: list[tuple[str, dict[str, Any]]] = []
+        self._pending: dict[str, None] = {}
+        self._wake = asyncio.Event()
+        self._reported: dict[str, str | None] = {}  # path -> hash last broadcast
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        state: StateStore,
+        metrics: Metrics,
+        *,
+        lock: asyncio.Lock,
+        send: SendFn | None = None,
+        upstream: Upstream | None = None,
+    ) -> LocalSync:
+        """Build from Settings (policy, limits, identity, write mode)."""
+        return cls(
+            settings.project_dir,
+            settings.state_dir,
+            state,
+            metrics,
+            lock=lock,
+            limits=settings.limits,
+            policy=settings.sync.conflict,
+            project_id=settings.project_id,
+            session_id=settings.session_id,
+            send=send,
+            upstream=upstream,
+            write_mode=settings.write_mode,
+            ignore=settings.sync.ignore,
+        )
+
+    def watcher(self, **kwargs: Any) -> Watcher:
+        """A Watcher sharing this instance's lock, state and ignore patterns.
+
+        Keyword arguments go to `Watcher` (debounce_ms, step_ms, initial_scan...).
+        """
+        kwargs.setdefault("ignore", self.ignore)
+        return Watcher(
+            self.project_dir,
+            self.state,
+            lock=self.lock,
+            state_dir=self.state_dir,
+            max_read=self.limits.max_file_bytes,
+            on_synced=self._on_synced,
+            **kwargs,
+        )
+
+    # -- running --
+
+    async def run(self, watcher: Watcher | None = None) -> None:
+        """Seed the base store, then handle what the watcher reports, forever.
+
+        Cancellation stops it between two paths' handling (a push in flight is abandoned; its
+        path is examined again next time).
+        """
+        await self.seed_bases()
+        async with asyncio.TaskGroup() as tg:
+            if watcher is not None:
+                tg.create_task(self._feed(watcher), name="localsync-feed")
+            tg.create_task(self._retry_failed(), name="localsync-retry")
+            await self._work()
+
+    def enqueue(self, paths: Iterable[str]) -> None:
+        """Queue paths for `run` (or `drain`) to handle."""
+        for p in paths:
+            self._pending[p] = None
+        if self._pending:
+            self.idle.clear()
+            self._wake.set()
+
+    async def process(self, paths: Iterable[str]) -> dict[str, Outcome]:
+        """Handle these paths now, then whatever got queued meanwhile; outcome per path."""
+        out: dict[str, Outcome] = {}
+        for rel in paths:
+            self._pending.pop(rel, None)
+            out[rel] = await self.handle(rel)
+        out.update(await self.drain())
+        return out
+
+    async def drain(self) -> dict[str, Outcome]:
+        """Handle every queued path (until none is left); outcome per path."""
+        out: dict[str, Outcome] = {}
+        await self._flush_outbox()
+        while self._pending:
+            rel = next(iter(self._pending))
+            del self._pending[rel]
+            out[rel] = await self._handle_safely(rel)
+            await self._flush_outbox()
+        if self.bases.puts >= GC_EVERY_PUTS:
+            async with self.lock:
+                keep = {s.sha256 for s in self.state.live().values() if s.sha256}
+                await asyncio.to_thread(self.bases.gc, keep)
+        self.idle.set()
+        return out
+
+    async def close(self) -> None:
+        """Keep the base copies still needed on disk; close our HTTP session, if any."""
+        keep = {s.sha256 for s in self.state.live().values() if s.sha256}
+        await asyncio.to_thread(self.bases.flush, keep)
+        if self._own_http and self._http is not None:
+            await self._http.close()
+        self._http = None
+
+    async def _feed(self, watcher: Watcher) -> None:
+        async for batch in watcher:
+            self.enqueue(batch)
+
+    async def _work(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.drain()
+
+    async def _retry_failed(self) -> None:
+        while True:
+            await asyncio.sleep(self.retry_interval)
+            if self.failed:
+                log.info("localsync.retrying_failed", paths=len(self.failed))
+                self.enqueue(list(self.failed))
+
+    async def _handle_safely(self, rel: str) -> Outcome:
+        try:
+            return await self.handle(rel)
+        except (OSError, SidecarError) as exc:
+            self.failed[rel] = f"{type(exc).__name__}: {exc}"
+            self._count("failed")
+            log.warning("localsync.handle_failed", path=rel, error=self.failed[rel])
+            return "failed"
+
+    # -- one local change --
+
+    async def handle(self, rel: str) -> Outcome:
+        """Report and push one path if it holds a local change; its outcome."""
+        async with self.lock:
+            ch = await self._examine(rel)
+            refused = None if ch is None else self._announce(ch)
+        await self._flush_outbox()  # the file:local-change goes out before the push
+        if ch is None:
+            self.refused.pop(rel, None)
+            self.failed.pop(rel, None)
+            return "unchanged"
+        if refused:
+            return "refused"
+        if self.upstream is None:
+            self._count("reported")
+            return "reported"
+        outcome = await self._push(rel)
+        await self._flush_outbox()
+        return outcome
+
+    def _announce(self, ch: LocalChange) -> bool:
+        """Queue the file:local-change for ch (once per content); True when quota refuses it."""
+        reason = self._quota_refusal(ch)
+        new = self._reported.get(ch.path, "-") != ch.sha256
+        if reason is not None:
+            if new or self.refused.get(ch.path) != reason:
+                self._reported[ch.path] = ch.sha256
+                self.refused[ch.path] = reason
+                self.metrics.inc(self.metrics.quota_refusals, "local")
+                self._count("refused")
+                log.warning("localsync.quota_refused", path=ch.path, size=ch.size, reason=reason)
+                payload = self._change_payload(ch, with_diff=False)
+                payload.update(refused="quota", reason=reason)
+                self._later_broadcast("file:local-change", payload)
+            return True
+        self.refused.pop(ch.path, None)
+        if new:
+            self._reported[ch.path] = ch.sha256
+            log.info(
+                "localsync.local_change",
+                path=ch.path,
+                kind=ch.kind,
+                size=ch.size,
+                base_version=ch.known.version if ch.known else None,
+            )
+            self._later_broadcast("file:local-change", self._change_payload(ch))
+        return False
+
+    async def _push(self, rel: str) -> Outcome:
+        assert self.upstream is not None
+        delay = self.backoff_initial
+        for attempt in range(1, self.push_attempts + 1):
+            try:
+                async with self.lock:
+                    ch = await self._examine(rel)
+                    if ch is None:
+                        self.failed.pop(rel, None)
+                        return "unchanged"
+                    if self._announce(ch):  # edited again since handle() looked
+                        return "refused"
+                    outcome = await self._push_locked(ch)
+                self.failed.pop(rel, None)
+                self._count(outcome)
+                return outcome
+            except UpstreamError as exc:
+                if not exc.transient or attempt == self.push_attempts:
+                    self.failed[rel] = str(exc)
+                    self._count("failed")
+                    log.warning(
+                        "localsync.push_failed",
+                        path=rel,
+                        attempts=attempt,
+                        error=str(exc),
+                        status=exc.status,
+                    )
+                    return "failed"
+                log.info(
+                    "localsync.push_retry_scheduled",
+                    path=rel,
+                    attempt=attempt,
+                    wait_for=round(delay, 3),
+                    error=str(exc),
+                )
+            await self._flush_outbox()
+            await asyncio.sleep(delay)  # the lock is free while we wait
+            delay = min(self.backoff_max, delay * 2)
+        return "failed"  # pragma: no cover - the loop always returns
+
+    async def _push_locked(self, ch: LocalChange) -> Outcome:
+        """Push ch and resolve conflicts; the caller holds the lock. Raises UpstreamError."""
+        assert self.upstream is not None
+        data = ch.data
+        expected = ch.known.version if ch.known is not None else 0
+        conflict: Conflict | None = None
+        for _round in range(MAX_CONFLICT_ROUNDS):
+            try:
+                if data is None:
+                    version = await self.upstream.delete(ch.path, expected, retries=0)
+                else:
+                    version = await self.upstream.upsert(ch.path, data, expected, retries=0)
+            except ConflictError:
+                head = await self.upstream.get(ch.path, retries=0)
+                step = self._resolve_push(ch, head, data, conflict)
+                conflict = step.conflict or conflict
+                if step.finish is not None:
+                    version, final = step.finish
+                    await self._settle(ch, final, version)
+                    return "conflict" if conflict is not None else "pushed"
+                data, expected = step.data, step.expected
+                continue
+            await self._settle(ch, data, version)
+            log.info("localsync.pushed", path=ch.path, version=version, expected_version=expected)
+            return "conflict" if conflict is not None else "pushed"
+        raise UpstreamError(
+            f"{ch.path!r}: still conflicting after {MAX_CONFLICT_ROUNDS} rounds", transient=True
+        )
+
+    def _resolve_push(
+        self,
+        ch: LocalChange,
+        head: RemoteFile | None,
+        data: bytes | None,
+        conflict: Conflict | None,
+    ) -> _Step:
+        """Decide what to do after a version conflict on push, by policy."""
+        h_version = head.version if head is not None else 0
+        h_data = head.content if head is not None else None
+        if h_data == data:
+            # Both sides hold the same bytes (or both deleted): nothing to resolve.
+            return _Step(finish=(h_version, h_data))
+        policy = self.policy
+        if policy == "merge":
+            merged = self._merge(ch, h_data)
+            if merged is not None:
+                new = (
+                    None
+                    if conflict is not None
+                    else self._record_conflict(ch, "merged", "push", h_data, h_version, saved=None)
+                )
+                if merged == h_data:
+                    return _Step(conflict=new, finish=(h_version, h_data))
+                return _Step(conflict=new, data=merged, expected=h_version)
+            policy = "remote-wins"
+        if policy == "remote-wins":
+            saved = self._save_aside(ch.path, ch.data) if ch.data is not None else None
+            new = self._record_conflict(ch, "remote-kept", "push", h_data, h_version, saved)
+            return _Step(conflict=new, finish=(h_version, h_data))
+        # local-wins: keep ours, save theirs, push again over the new head.
+        saved = self._save_aside(ch.path, h_data) if h_data is not None else None
+        new = None
+        if conflict is None:
+            new = self._record_conflict(ch, "local-kept", "push", h_data, h_version, saved)
+        return _Step(conflict=new, data=data, expected=h_version)
+
+    async def _settle(self, ch: LocalChange, data: bytes | None, version: int) -> None:
+        """Record `version` = data as synced; write data to disk if it is not what ch read.
+
+        The caller holds the lock, so nothing else changed the state since ch was examined.
+        """
+        if data != ch.data and not await self._write_local(ch, data):
+            log.info("localsync.changed_again", path=ch.path, version=version)
+            return  # a newer local edit is on disk; it will be handled (and conflict) next
+        cur = self.state.get(ch.path)
+        digest = None if data is None else hashlib.sha256(data).hexdigest()
+        size = 0 if data is None else len(data)
+        mode = ch.mode or (cur.mode if cur is not None and cur.mode else 0o644)
+        self.state.update({ch.path: FileState(version, digest, size, 0 if data is None else mode)})
+        if data is not None:
+            old = cur.sha256 if cur is not None else None
+            self.bases.put(data, digest, persist=True, replaces=old)
+        self._reported.pop(ch.path, None)
+
+    # -- remote updates to locally changed paths --
+
+    async def before_apply(self, ev: DeltaEvent) -> None:
+        """Call before `Applier.apply(ev)`: resolves conflicts for each change of ev.
+
+        Changes the policy keeps local are recorded as seen, so the Applier then treats them
+        as duplicates and writes nothing.
+        """
+        for change in ev.changes:
+            await self.check_remote(change)
+
+    async def before_publish(self, changes: Sequence[FileChange]) -> None:
+        """Applier hook: `check_remote_locked` for each change (Applier.lock is held)."""
+        for change in changes:
+            await self.check_remote_locked(change)
+
+    async def check_remote(self, change: FileChange) -> bool:
+        """Take the lock and run `check_remote_locked`."""
+        async with self.lock:
+            apply = await self.check_remote_locked(change)
+        await self._flush_outbox()
+        return apply
+
+    async def check_remote_locked(self, change: FileChange) -> bool:
+        """Decide a remote change against local edits; True: apply it, False: it was handled.
+
+        The caller holds `Applier.lock` (an Applier hook calls this right before publishing).
+        remote-wins saves the local bytes aside and lets the remote apply; local-wins saves the
+        remote bytes aside, records the remote version as seen and queues a push of the local
+        bytes; merge writes a clean merge and queues its push, else acts as remote-wins.
+        """
+        rel = change.path
+        known = self.state.get(rel)
+        if known is not None and change.version <= known.version:
+            return True  # a duplicate or stale event: the Applier drops it
+        ch = await self._examine(rel, keep_base=False)  # its base is about to be superseded
+        remote = change.content if change.action == "update" else None
+        if change.action == "update" and remote is None and change.content_url:
+            remote = await self._fetch(change)
+        if ch is None:
+            if remote is not None:
+                old = known.sha256 if known is not None else None
+                self.bases.put(remote, change.content_hash, replaces=old)
+            return True
+        r_hash = change.content_hash if change.action == "update" else None
+        if (ch.deleted and change.action == "delete") or (
+            ch.sha256 is not None and ch.sha256 == r_hash
+        ):
+            return True  # both sides made the same change
+        policy = self.policy
+        if policy == "merge":
+            merged = self._merge(ch, remote) if change.action == "update" else None
+            if merged is not None and remote is not None:
+                if merged == remote:
+                    return True  # the remote already holds the local edit
+                if await self._write_local(ch, merged):
+                    self._record_conflict(
+                        ch, "merged", "remote", remote, change.version, None, remote_hash=r_hash
+                    )
+                    self._note_seen(change, remote, ch)
+                    self.enqueue([rel])
+                    return False
+            policy = "remote-wins"
+        if policy == "remote-wins":
+            saved = (
+                self._save_aside(rel, ch.data)
+                if ch.data is not None
+                else (self._copy_aside(rel) if not ch.deleted else None)
+            )
+            self._record_conflict(
+                ch, "remote-kept", "remote", remote, change.version, saved, remote_hash=r_hash
+            )
+            self._reported.pop(rel, None)
+            return True
+        saved = self._save_aside(rel, remote) if remote is not None else None
+        if remote is None and change.action == "update":
+            log.warning(
+                "localsync.remote_not_saved",
+                path=rel,
+                version=change.version,
+                why="content unavailable",
+            )
+        self._record_conflict(
+            ch, "local-kept", "remote", remote, change.version, saved, remote_hash=r_hash
+        )
+        self._note_seen(change, remote, ch)
+        self.enqueue([rel])
+        return False
+
+    def _note_seen(self, change: FileChange, remote: bytes | None, ch: LocalChange) -> None:
+        """Record the remote version as the last synced one without writing its bytes."""
+        if change.action == "delete":
+            st = FileState(change.version, None, 0, 0)
+        else:
+            size = len(remote) if remote is not None else 0
+            st = FileState(
+                change.version,
+                change.content_hash,
+                size,
+                change.mode if change.mode is not None else (ch.mode or 0o644),
+            )
+            if remote is not None:
+                self.bases.put(remote, change.content_hash, persist=True)
+        self.state.update({change.path: st})
+
+    # -- helpers --
+
+    async def _examine(self, rel: str, *, keep_base: bool = True) -> LocalChange | None:
+        """examine() for rel (caller holds the lock); unchanged bytes are kept as the base."""
+        args = (self.project_dir, rel, self.state, self.limits.max_file_bytes)
+        size = 0
+        with contextlib.suppress(OSError):
+            size = os.lstat(self.project_dir / rel).st_size
+        if size > 512 * 1024:
+            change, data = await asyncio.to_thread(_examine, *args)
+        else:
+            change, data = _examine(*args)
+        if change is None and data is not None and keep_base:
+            known = self.state.get(rel)
+            if known is not None and known.sha256:
+                self.bases.put(data, known.sha256)
+        return change
+
+    def _on_synced(self, _rel: str, data: bytes, sha: str) -> None:
+        if len(data) <= self.bases.max_bytes and not self.bases.has(sha):
+            self.bases.put(data, sha)
+
+    async def seed_bases(self) -> int:
+        """Keep the synced bytes of text files already on disk; drop copies nobody needs."""
+        live = {
+            p: s
+            for p, s in self.state.live().items()
+            if s.size <= self.bases.max_bytes and s.sha256
+        }
+
+        def seed() -> int:
+            n = 0
+            for rel, st in live.items():
+                if st.sha256 is None or self.bases.has(st.sha256):
+                    continue
+                try:
+                    data = (self.project_dir / rel).read_bytes()
+                except OSError:
+                    continue
+                if hashlib.sha256(data).hexdigest() == st.sha256:
+                    self.bases.put(data, st.sha256, persist=True)
+                    n += 1
+            return n
+
+        seeded = await asyncio.to_thread(seed)
+        async with self.lock:
+            keep = {s.sha256 for s in self.state.live().values() if s.sha256}
+            removed = await asyncio.to_thread(self.bases.gc, keep)
+        log.info("localsync.bases_seeded", seeded=seeded, removed=removed)
+        return seeded
+
+    def _merge(self, ch: LocalChange, remote: bytes | None) -> bytes | None:
+        """A clean three-way merge of ch against remote, or None."""
+        if ch.data is None or remote is None or ch.known is None or ch.known.deleted:
+            return None
+        base = self.bases.get(ch.known.sha256)
+        if base is None:
+            log.info("localsync.merge_no_base", path=ch.path, base_version=ch.known.version)
+            return None
+        result = merge3(base, ch.data, remote)
+        if not result.clean:
+            log.info("localsync.merge_conflicted", path=ch.path)
+            return None
+        return result.merged
+
+    def _quota_refusal(self, ch: LocalChange) -> str | None:
+        if ch.deleted:
+            return None
+        lim = self.limits
+        if lim.max_file_bytes and ch.size > lim.max_file_bytes:
+            return f"{ch.size} bytes, over SIDECAR_MAX_FILE_BYTES={lim.max_file_bytes}"
+        live = ch.known is not None and not ch.known.deleted
+        old = ch.known.size if ch.known is not None and live else 0
+        if lim.max_bytes and ch.size > old:
+            total = self.state.total_bytes() - old + ch.size
+            if total > lim.max_bytes:
+                return f"{total} bytes, over SIDECAR_MAX_BYTES={lim.max_bytes}"
+        if lim.max_files and not live:
+            count = len(self.state.live()) + 1
+            if count > lim.max_files:
+                return f"{count} files, over SIDECAR_MAX_FILES={lim.max_files}"
+        return None
+
+    def _change_payload(self, ch: LocalChange, *, with_diff: bool = True) -> dict[str, Any]:
+        known = ch.known if ch.known is not None and not ch.known.deleted else None
+        action = {"created": "create", "modified": "modify", "deleted": "delete"}[ch.kind]
+        payload: dict[str, Any] = {
+            "path": ch.path,
+            "action": action,
+            "base_version": ch.known.version if ch.known is not None else None,
+            "base_hash": known.sha256 if known is not None else None,
+            "new_hash": ch.sha256,
+            "size": ch.size,
+            "timestamp": int(time.time() * 1000),
+            "session_id": self.session_id,
+        }
+        if not with_diff:
+            return payload
+        binary = ch.data is not None and not is_text(ch.data)
+        payload["binary"] = binary
+        if binary or (ch.data is None and not ch.deleted):
+            payload["diff"] = None
+            return payload
+        base = self.bases.get(known.sha256) if known is not None else None
+        if known is not None and base is None:
+            payload["diff"] = None
+            payload["diff_omitted"] = "base unavailable"
+            return payload
+        diff = unified_diff(base, ch.data, ch.path, max_bytes=MAX_DIFF_BYTES)
+        payload["diff"] = diff
+        if diff is None:
+            payload["diff_omitted"] = "binary base" if base and not is_text(base) else "too large"
+        return payload
+
+    async def _broadcast(self, event: str, payload: dict[str, Any]) -> None:
+        if self.send is None:
+            return
+        try:
+            await self.send(event, payload)
+        except Exception as exc:  # noqa: BLE001 - a denied broadcast is counted, never fatal
+            self._count("broadcast_failed")
+            self.metrics.inc(self.metrics.local_changes, "broadcast_failed")
+            log.warning(
+                "localsync.broadcast_failed",
+                event_name=event,
+                path=payload.get("path"),
+                error=f"{type(exc).__name__}: {exc}",
+            )
+
+    def _record_conflict(
+        self,
+        ch: LocalChange,
+        resolution: Resolution,
+        origin: Literal["push", "remote"],
+        remote: bytes | None,
+        remote_version: int | None,
+        saved: str | None,
+        *,
+        remote_hash: str | None = None,
+    ) -> Conflict:
+        if remote_hash is None and remote is not None:
+            remote_hash = hashlib.sha256(remote).hexdigest()
+        c = Conflict(
+            path=ch.path,
+            policy=self.policy,
+            resolution=resolution,
+            origin=origin,
+            local_hash=ch.sha256,
+            remote_hash=remote_hash,
+            remote_version=remote_version,
+            base_version=ch.known.version if ch.known is not None else None,
+            saved=saved,
+            timestamp=time.time(),
+        )
+        self.conflicts.append(c)
+        self.conflicts_total += 1
+        self.metrics.inc(self.metrics.conflicts, self.policy)
+        log.warning(
+            "localsync.conflict",
+            path=c.path,
+            policy=c.policy,
+            resolution=c.resolution,
+            origin=origin,
+            remote_version=remote_version,
+            base_version=c.base_version,
+            saved=saved,
+        )
+        self._later_broadcast("file:conflict", {**c.to_json(), "session_id": self.session_id})
+        return c
+
+    def _later_broadcast(self, event: str, payload: dict[str, Any]) -> None:
+        # Conflicts are found while the Applier lock is held: send once it is released.
+        self._outbox.append((event, payload))
+        self._wake.set()
+
+    async def _flush_outbox(self) -> None:
+        while self._outbox:
+            event, payload = self._outbox.pop(0)
+            await self._broadcast(event, payload)
+
+    def _save_aside(self, rel: str, data: bytes | None) -> str | None:
+        if data is None:
+            return None
+        name = self._conflict_target(rel)
+        target = self.conflicts_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = fsio.write_temp(target.parent, target.name, data, 0o644)
+        tmp.replace(target)
+        return (target.relative_to(self.state_dir)).as_posix()
+
+    def _copy_aside(self, rel: str) -> str | None:
+        try:
+            data = (self.project_dir / rel).read_bytes()
+        except OSError:
+            return None
+        return self._save_aside(rel, data)
+
+    def _conflict_target(self, rel: str) -> str:
+        now = time.time()
+        name = conflict_name(rel, now, self.session_id)
+        n = 1
+        while (self.conflicts_dir / name).exists():  # several conflicts in one second
+            n += 1
+            name = conflict_name(rel, now, f"{self.session_id}-{n}")
+        return name
+
+    async def _write_local(self, ch: LocalChange, data: bytes | None) -> bool:
+        """Replace ch's bytes on disk with data (None: delete) if the disk still holds ch."""
+        target = resolve_inside(self.project_dir, ch.path)
+        now, _ = _examine(self.project_dir, ch.path, self.state, self.limits.max_file_bytes)
+        if now is None or now.sha256 != ch.sha256 or now.kind != ch.kind:
+            return False
+        if data is None:
+            if fsio.remove_file(target):
+                fsio.prune_empty_dirs(target.parent, self.project_dir)
+            return True
+        mode = ch.mode or (ch.known.mode if ch.known is not None and ch.known.mode else 0o644)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if self.write_mode == "inplace":
+            fsio.write_inplace(target, data, mode)
+        else:
+            tmp = fsio.write_temp(target.parent, target.name, data, mode)
+            tmp.replace(target)
+        return True
+
+    async def _fetch(self, change: FileChange) -> bytes | None:
+        """The bytes behind a content_url (for merges and saved copies), or None."""
+        assert change.content_url is not None
+        cap = self.limits.max_file_bytes or 256 * 1024 * 1024
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+            self._own_http = True
+        try:
+            async with self._http.get(
+                change.content_url, timeout=aiohttp.ClientTimeout(total=30)
+            ) as resp:
+                if resp.status != 200:
+                    return None
+                data = await resp.content.read(cap + 1)
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+        if len(data) > cap or hashlib.sha256(data).hexdigest() != change.content_hash:
+            return None
+        return data
+
+    def _count(self, outcome: str) -> None:
+        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+        if outcome != "broadcast_failed":
+            self.metrics.inc(self.metrics.local_changes, outcome)
+
+    # -- status --
+
+    @property
+    def quota_exceeded(self) -> bool:
+        """True while some local change is refused by the quota."""
+        return bool(self.refused)
+
+    def status(self) -> dict[str, Any]:
+        """The two-way sync part of /status."""
+        return {
+            "policy": self.policy,
+            "upstream": self.upstream is not None,
+            "pending": len(self._pending),
+            "failed": dict(self.failed),
+            "quota_exceeded": self.quota_exceeded,
+            "quota_refused": dict(self.refused),
+            "conflicts_total": self.conflicts_total,
+            "conflicts": [c.to_json() for c in self.conflicts],
+            "counts": dict(self.counts),
+        }
+
+
+@dataclass(slots=True)
+class _Step:
+    """What to do after a push conflict: finish with (version, bytes), or push again."""
+
+    conflict: Conflict | None = None
+    finish: tuple[int, bytes | None] | None = None
+    data: bytes | None = None
+    expected: int = 0
