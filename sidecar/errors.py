@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import errno as _errno
 from enum import IntEnum
 
 __all__ = [
     "ChildStartError",
     "ConfigError",
+    "EnvironmentFaultError",
     "ExitCode",
     "HookFailedError",
+    "NoSpaceError",
+    "PermissionDeniedError",
     "QuotaExceededError",
+    "ReadOnlyError",
     "RealtimeAuthError",
     "SidecarError",
     "SnapshotExpiredError",
     "SnapshotInvalidError",
     "SnapshotUnavailableError",
     "UnsafePathError",
+    "environment_fault",
 ]
 
 
@@ -26,6 +32,10 @@ class ExitCode(IntEnum):
     SNAPSHOT_INVALID = 65  # EX_DATAERR: integrity or safety check failed
     SNAPSHOT_UNAVAILABLE = 69  # EX_UNAVAILABLE: download failed after retries, or URL expired
     INTERNAL = 70  # EX_SOFTWARE: a bug
+    ENVIRONMENT = 71  # EX_OSERR: the machine failed an operation (I/O error, cross-device...)
+    PERMISSION_DENIED = 72  # EX_OSFILE: a file or directory the sidecar must write is not its own
+    READ_ONLY = 74  # EX_IOERR: PROJECT_DIR or the state directory is on a read-only filesystem
+    NO_SPACE = 75  # EX_TEMPFAIL: the disk (or quota) is full; retry once space is freed
     QUOTA_EXCEEDED = 73  # EX_CANTCREAT: over SIDECAR_MAX_BYTES / _FILES / _FILE_BYTES
     REALTIME_AUTH = 77  # EX_NOPERM: the Realtime token is refused for good
     CONFIG = 78  # EX_CONFIG: invalid or missing configuration
@@ -95,3 +105,79 @@ class ChildStartError(SidecarError, OSError):
     def __init__(self, message: str, exit_code: ExitCode) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class EnvironmentFaultError(SidecarError):
+    """Raised when the machine refuses an operation (disk full, read-only, permission, I/O).
+
+    Not a bug: the message names the path and the cause in one line. `kind` is the metric
+    label and the /status reason.
+    """
+
+    exit_code = ExitCode.ENVIRONMENT
+    kind = "environment"
+
+    def __init__(self, message: str, *, path: str | None = None, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.errno = errno
+
+
+class NoSpaceError(EnvironmentFaultError):
+    """ENOSPC / EDQUOT / SQLITE_FULL: the filesystem (or the user's disk quota) is full."""
+
+    exit_code = ExitCode.NO_SPACE
+    kind = "no_space"
+
+
+class ReadOnlyError(EnvironmentFaultError):
+    """EROFS / SQLITE_READONLY: the filesystem is mounted (or turned) read-only."""
+
+    exit_code = ExitCode.READ_ONLY
+    kind = "read_only"
+
+
+class PermissionDeniedError(EnvironmentFaultError):
+    """EACCES / EPERM: the sidecar's user may not write there."""
+
+    exit_code = ExitCode.PERMISSION_DENIED
+    kind = "permission_denied"
+
+
+_KINDS: dict[int, type[EnvironmentFaultError]] = {
+    _errno.ENOSPC: NoSpaceError,
+    _errno.EDQUOT: NoSpaceError,
+    _errno.EROFS: ReadOnlyError,
+    _errno.EACCES: PermissionDeniedError,
+    _errno.EPERM: PermissionDeniedError,
+    _errno.EXDEV: EnvironmentFaultError,
+    _errno.EIO: EnvironmentFaultError,
+    _errno.EMFILE: EnvironmentFaultError,
+    _errno.ENFILE: EnvironmentFaultError,
+    _errno.EMLINK: EnvironmentFaultError,
+    _errno.ENOMEM: EnvironmentFaultError,
+}
+
+
+def environment_fault(
+    exc: BaseException, path: object = None, doing: str = "writing"
+) -> EnvironmentFaultError | None:
+    """The EnvironmentFaultError an OSError stands for, or None when it is not one.
+
+    `path` is used when the OSError does not name one (a write on an open descriptor).
+    """
+    if isinstance(exc, EnvironmentFaultError):
+        return exc
+    if not isinstance(exc, OSError) or exc.errno not in _KINDS:
+        return None
+    where = exc.filename if exc.filename is not None else path
+    shown = f" {where}" if where is not None else ""
+    cause = exc.strerror or _errno.errorcode.get(exc.errno, str(exc.errno))
+    name = _errno.errorcode.get(exc.errno, "")
+    fault = _KINDS[exc.errno](
+        f"{doing}{shown}: {cause.lower()} ({name})",
+        path=None if where is None else str(where),
+        errno=exc.errno,
+    )
+    fault.__cause__ = exc
+    return fault

@@ -6,6 +6,7 @@ memory for lookups. It shares fate with the files it describes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -13,7 +14,41 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["FileState", "StateStore"]
+from sidecar.errors import (
+    EnvironmentFaultError,
+    NoSpaceError,
+    PermissionDeniedError,
+    ReadOnlyError,
+    environment_fault,
+)
+
+__all__ = ["FileState", "StateStore", "StateStoreError"]
+
+# SQLite primary result codes (sqlite3.h) that say "the environment", not "our SQL".
+_SQLITE_FAULTS: dict[int, type[EnvironmentFaultError]] = {
+    3: PermissionDeniedError,  # SQLITE_PERM
+    8: ReadOnlyError,  # SQLITE_READONLY
+    10: EnvironmentFaultError,  # SQLITE_IOERR
+    13: NoSpaceError,  # SQLITE_FULL
+    14: EnvironmentFaultError,  # SQLITE_CANTOPEN (directory gone, unreadable, not writable)
+    23: PermissionDeniedError,  # SQLITE_AUTH
+}
+
+
+class StateStoreError(EnvironmentFaultError):
+    """The state database failed for another reason (corrupt, locked by another process)."""
+
+    kind = "state_store"
+
+
+def _wrap(exc: sqlite3.Error, path: Path, doing: str) -> EnvironmentFaultError:
+    """Every sqlite3 error leaves this module as an EnvironmentFaultError naming state.db."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    cls = _SQLITE_FAULTS.get(code & 0xFF, StateStoreError) if code is not None else StateStoreError
+    fault = cls(f"{doing} {path}: {exc}", path=str(path))
+    fault.__cause__ = exc
+    return fault
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -45,23 +80,33 @@ class StateStore:
     """Thread-safe persistent map path -> FileState plus a small key/value meta table."""
 
     def __init__(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise environment_fault(exc, state_dir, "creating the state directory") or exc from None
         self.path = state_dir / "state.db"
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._files: dict[str, FileState] = {
-            row[0]: FileState(row[1], row[2], row[3], row[4])
-            for row in self._db.execute("SELECT path, version, sha256, size, mode FROM files")
-        }
-        self._meta: dict[str, object] = {
-            k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM meta")
-        }
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise _wrap(exc, self.path, "opening") from None
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            self._files: dict[str, FileState] = {
+                row[0]: FileState(row[1], row[2], row[3], row[4])
+                for row in self._db.execute("SELECT path, version, sha256, size, mode FROM files")
+            }
+            self._meta: dict[str, object] = {
+                k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM meta")
+            }
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise _wrap(exc, self.path, "opening") from None
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, contextlib.suppress(sqlite3.Error):
             self._db.close()
 
     # -- reads (from the in-memory mirror) --
@@ -84,6 +129,24 @@ class StateStore:
 
     # -- writes (one transaction each) --
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN ... COMMIT; on any failure roll back (if SQLite has not already: a failed
+        COMMIT on a full disk ends the transaction itself) and raise an EnvironmentFaultError.
+        The in-memory mirror is updated by the caller only after this returned."""
+        try:
+            self._db.execute("BEGIN")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise _wrap(exc, self.path, "writing") from None
+
     def update(
         self,
         changes: Mapping[str, FileState | None] | None = None,
@@ -93,8 +156,7 @@ class StateStore:
         changes = changes or {}
         meta = meta or {}
         with self._lock:
-            self._db.execute("BEGIN")
-            try:
+            with self._transaction():
                 for path, st in changes.items():
                     if st is None:
                         self._db.execute("DELETE FROM files WHERE path=?", (path,))
@@ -107,10 +169,6 @@ class StateStore:
                     self._db.execute(
                         "INSERT OR REPLACE INTO meta VALUES (?,?)", (key, json.dumps(value))
                     )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             for path, st in changes.items():
                 if st is None:
                     self._files.pop(path, None)
@@ -124,8 +182,7 @@ class StateStore:
         """Forget everything and record a freshly published snapshot's tree."""
         new = dict(files)
         with self._lock:
-            self._db.execute("BEGIN")
-            try:
+            with self._transaction():
                 self._db.execute("DELETE FROM files")
                 self._db.executemany(
                     "INSERT INTO files VALUES (?,?,?,?,?)",
@@ -135,9 +192,5 @@ class StateStore:
                     self._db.execute(
                         "INSERT OR REPLACE INTO meta VALUES (?,?)", (key, json.dumps(value))
                     )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             self._files = new
             self._meta.update(meta)
