@@ -32,6 +32,7 @@ from sidecar.process.child import ChildProcess, Reaper, Supervisor, build_child_
 from sidecar.redact import redact
 from sidecar.snapshot.hydrate import hydrate
 from sidecar.snapshot.manifest import Manifest
+from sidecar.tree.preflight import check_dirs
 from sidecar.tree.state import StateStore
 from sidecar.twoway.localsync import LocalSync
 from sidecar.twoway.upstream import Upstream
@@ -74,7 +75,7 @@ async def sync_only(settings: Settings) -> int:
 
 
 async def _main(settings: Settings, cmd: tuple[str, ...], *, hydrate_first: bool) -> int:
-    settings.project_dir.mkdir(parents=True, exist_ok=True)
+    check_dirs(settings.project_dir, settings.state_dir)
     metrics = Metrics(settings.project_id, settings.session_id)
     metrics.quota_bytes.set(settings.limits.max_bytes)
     health = HealthState(project_id=settings.project_id, session_id=settings.session_id)

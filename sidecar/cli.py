@@ -18,7 +18,7 @@ import structlog
 
 from sidecar import __version__
 from sidecar.config import Settings
-from sidecar.errors import ExitCode, SidecarError
+from sidecar.errors import ExitCode, SidecarError, environment_fault
 from sidecar.log import configure_logging
 from sidecar.redact import redact
 
@@ -101,9 +101,13 @@ def _main(args: argparse.Namespace) -> int:
             code = _fail(_first(group))
         except* Exception as group:
             first = _first(group)
-            log.exception("sidecar.crashed", error=type(first).__name__, exc_info=first)
-            print(f"sidecar: internal error: {redact(str(first))}", file=sys.stderr)
-            code = int(ExitCode.INTERNAL)
+            fault = environment_fault(first)
+            if fault is not None:  # a full disk, a read-only mount...: not a bug (exit 70)
+                code = _fail(fault)
+            else:
+                log.exception("sidecar.crashed", error=type(first).__name__, exc_info=first)
+                print(f"sidecar: internal error: {redact(str(first))}", file=sys.stderr)
+                code = int(ExitCode.INTERNAL)
     except KeyboardInterrupt:
         code = 128 + 2
     return code

@@ -299,6 +299,7 @@ class _FsWriter:
         root, umask, flags, sha256 = self._root, self._umask, _OPEN_FLAGS, _sha256
         write, open_, close = os.write, os.open, os.close
         fd, h = self._fd, self._hash
+        path = self._path
         try:
             for op in batch:
                 code = op[0]
@@ -333,9 +334,15 @@ class _FsWriter:
                     if h.hexdigest() != self._sha:
                         raise _digest_error(self._path)
                 elif code == _MKDIR:
-                    os.mkdir(root + op[1], 0o755)  # noqa: PTH102 - hot loop: no Path objects
+                    path = op[1]
+                    os.mkdir(root + path, 0o755)  # noqa: PTH102 - hot loop: no Path objects
                 else:
-                    os.symlink(op[2], root + op[1])  # noqa: PTH211 - same
+                    path = op[1]
+                    os.symlink(op[2], root + path)  # noqa: PTH211 - same
+        except OSError as exc:
+            if exc.filename is None:  # a write on a descriptor: name the file (ENOSPC...)
+                exc.filename = root + path
+            raise
         finally:
             self._fd, self._hash = fd, h
 

@@ -33,16 +33,19 @@ import structlog
 from sidecar.config import Settings
 from sidecar.errors import (
     ConfigError,
+    EnvironmentFaultError,
     QuotaExceededError,
     SnapshotExpiredError,
     SnapshotInvalidError,
     SnapshotUnavailableError,
+    environment_fault,
 )
 from sidecar.redact import redact, redact_url
 from sidecar.snapshot.download import download
 from sidecar.snapshot.extract import PublishResult, SnapshotWriter, new_staging_dir, verify_tree
 from sidecar.snapshot.manifest import FileEntry, Manifest
 from sidecar.snapshot.progress import Progress
+from sidecar.tree.preflight import check_dirs
 from sidecar.tree.state import StateStore
 
 if TYPE_CHECKING:  # prometheus_client is not needed by the one-shot `sidecar hydrate`
@@ -74,7 +77,7 @@ async def hydrate_once(settings: Settings) -> int:
     # What exists now (modules, settings) outlives the hydration: keep it out of the cyclic
     # GC's full collections, which the manifest's tens of thousands of objects would trigger.
     gc.freeze()
-    settings.project_dir.mkdir(parents=True, exist_ok=True)
+    check_dirs(settings.project_dir, settings.state_dir)
     state = StateStore(settings.state_dir)
     try:
         # No metrics: nothing would ever serve them from a one-shot process.
@@ -183,8 +186,13 @@ async def _hydrate(
         log.info("snapshot.hydrate_cancelled", url=shown)
         raise
     except Exception as exc:
-        outcome = _outcome(exc)
-        failure = exc
+        # A full disk or a read-only mount is the environment's fault: name the path (exit
+        # NO_SPACE / READ_ONLY / PERMISSION_DENIED), not an internal error.
+        fault = environment_fault(exc)
+        failure = fault or exc
+        outcome = _outcome(failure)
+        if fault is not None and fault is not exc:
+            raise fault from exc
         raise
     finally:
         if failure is not None:
@@ -203,6 +211,7 @@ async def _hydrate(
 
 def _outcome(exc: Exception) -> str:
     for kind, name in (
+        (EnvironmentFaultError, "environment"),
         (SnapshotExpiredError, "expired"),
         (SnapshotUnavailableError, "unavailable"),
         (SnapshotInvalidError, "invalid"),

@@ -595,9 +595,11 @@ async def run_sidecar(
     env: Mapping[str, str],
     cwd: Path,
     timeout: float = 30.0,
+    wrap: Sequence[str] = (),
 ) -> tuple[int, str, str]:
-    """Run `python -m sidecar ARGV` to completion: (exit code, stdout, stderr)."""
+    """Run `[*WRAP] python -m sidecar ARGV` to completion: (exit code, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
+        *wrap,
         sys.executable,
         "-m",
         "sidecar",

@@ -1,0 +1,141 @@
+"""End to end, environment faults: `sidecar hydrate` (and `sidecar run` before it starts) on a
+full disk, under a read-only parent, with a read-only state directory, on a filesystem that
+turned read-only, with a state directory on another filesystem, and without permission. Each
+exits with its documented code and one line naming the path and the cause, no traceback, and
+PROJECT_DIR is left as it was."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sidecar.errors import ExitCode
+from tests.e2e.e2e_stack import SAMPLE, Stack, base_env, read_tree, run_sidecar
+from tests.fsfaults import fill, readonly_bind, remount, tmpfs
+
+pytestmark = pytest.mark.e2e
+
+
+def _one_error_line(out: str, err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("sidecar: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in out + err, out + err
+    assert "internal error" not in err
+    return lines[0]
+
+
+async def _hydrate(stack: Stack, project: Path, tmp: Path, **over: str | None) -> tuple[int, str]:
+    env = base_env(stack, project, overrides=over)
+    code, out, err = await run_sidecar(["hydrate"], env, tmp)
+    if code == 0:
+        return code, ""
+    return code, _one_error_line(out, err)
+
+
+async def test_full_disk_during_hydrate_exits_no_space_and_keeps_the_old_tree(
+    tmp_path: Path,
+) -> None:
+    """A snapshot larger than the free space: exit NO_SPACE naming the file being written, the
+    previously hydrated tree unchanged, no staging left; after freeing space it hydrates."""
+    async with Stack() as stack:
+        with tmpfs(tmp_path / "disk", "1m") as disk:
+            project = disk / "project"
+            code, line = await _hydrate(stack, project, tmp_path)
+            assert code == 0, line
+            before = read_tree(project)
+            ballast = fill(disk, leave=64 * 1024)
+            await stack.rpc.editor_upsert(stack.project, "big.bin", os.urandom(300 * 1024))
+            code, line = await _hydrate(stack, project, tmp_path)
+            assert code == ExitCode.NO_SPACE, line
+            assert "no space left on device" in line
+            assert str(disk) in line, line
+            assert read_tree(project) == before
+            assert not list((project / ".sidecar").glob("staging-*"))
+            ballast.unlink()
+            code, line = await _hydrate(stack, project, tmp_path)
+            assert code == 0, line
+            assert read_tree(project) == stack.files()
+
+
+async def test_read_only_parent_and_state_dir(tmp_path: Path) -> None:
+    """PROJECT_DIR under a read-only parent, and a read-only SIDECAR_STATE_DIR (missing or
+    existing): exit READ_ONLY naming the directory; nothing is created."""
+    async with Stack(files=SAMPLE) as stack:
+        ro = tmp_path / "ro"
+        (ro / "state").mkdir(parents=True)
+        project = tmp_path / "project"
+        with readonly_bind(ro):
+            code, line = await _hydrate(stack, ro / "project", tmp_path)
+            assert code == ExitCode.READ_ONLY, line
+            assert str(ro / "project") in line
+            assert "read-only" in line
+            for state in (ro / "state", ro / "missing"):
+                code, line = await _hydrate(stack, project, tmp_path, SIDECAR_STATE_DIR=str(state))
+                assert code == ExitCode.READ_ONLY, line
+                assert str(state) in line
+                assert "read-only" in line
+                assert read_tree(project) == {}
+        assert sorted(os.listdir(ro)) == ["state"]
+
+
+async def test_filesystem_turned_read_only(tmp_path: Path) -> None:
+    """A hydrated project whose filesystem was remounted read-only: a new snapshot exits
+    READ_ONLY naming PROJECT_DIR, the tree as it was."""
+    async with Stack() as stack:
+        with tmpfs(tmp_path / "disk", "4m") as disk:
+            project = disk / "project"
+            assert (await _hydrate(stack, project, tmp_path))[0] == 0
+            before = read_tree(project)
+            await stack.rpc.editor_upsert(stack.project, "src/app.js", b"export const v = 2;\n")
+            remount(disk, "remount,ro")
+            code, line = await _hydrate(stack, project, tmp_path)
+            assert code == ExitCode.READ_ONLY, line
+            assert str(project) in line
+            assert read_tree(project) == before
+            remount(disk, "remount,rw")
+
+
+async def test_state_dir_on_another_filesystem_is_refused_up_front(tmp_path: Path) -> None:
+    """SIDECAR_STATE_DIR on a second tmpfs: exit CONFIG before any download, naming both
+    directories and the fix; PROJECT_DIR stays empty (was: EXDEV mid-publish, exit 70)."""
+    async with Stack() as stack:
+        with tmpfs(tmp_path / "other", "4m") as other:
+            project = tmp_path / "project"
+            code, line = await _hydrate(
+                stack, project, tmp_path, SIDECAR_STATE_DIR=str(other / "state")
+            )
+            assert code == ExitCode.CONFIG, line
+            assert str(other / "state") in line
+            assert str(project) in line
+            assert "another filesystem" in line
+            assert "leave it unset" in line
+            assert read_tree(project) == {}
+            # `sidecar run` checks the same before it starts anything.
+            env = base_env(stack, project, overrides={"SIDECAR_STATE_DIR": str(other / "s")})
+            code, out, err = await run_sidecar(["run", "--", "true"], env, tmp_path)
+            assert code == ExitCode.CONFIG, out + err
+            assert "another filesystem" in _one_error_line(out, err)
+            assert read_tree(project) == {}
+
+
+async def test_permission_denied(tmp_path: Path) -> None:
+    """Without CAP_DAC_OVERRIDE (root in most containers has it; a non-root image does not),
+    PROJECT_DIR in a directory owned by someone else exits PERMISSION_DENIED naming it."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to drop CAP_DAC_OVERRIDE")
+    parent = tmp_path / "not-mine"
+    parent.mkdir(mode=0o755)
+    os.chown(parent, 65534, 65534)
+    caps = "-dac_override,-dac_read_search"
+    wrap = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", "--"]
+    async with Stack() as stack:
+        env = base_env(stack, parent / "project")
+        code, out, err = await run_sidecar(["hydrate"], env, tmp_path, wrap=wrap)
+        assert code == ExitCode.PERMISSION_DENIED, out + err
+        line = _one_error_line(out, err)
+        assert str(parent / "project") in line
+        assert "permission denied" in line
+        assert os.listdir(parent) == []
