@@ -62,6 +62,8 @@ DECOMPRESS_CHUNK = 1 << 18  # decompressed bytes handed to the tar reader at a t
 QUEUE_DEPTH = 4  # batches (each at most one decompressed chunk) queued for the writer thread
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _SYMLINK_MODE = stat.S_IFLNK | 0o777  # FileState.mode marker for symlinks
+# How `tar -C dir .` names the root (the tar reader strips a directory's trailing slash).
+_ROOT_NAMES = frozenset({".", "./"})
 
 
 def check_symlink_chains(links: Mapping[str, str]) -> None:
@@ -419,6 +421,7 @@ class SnapshotWriter:
         self._unchanged: set[str] = set()
         self._real_dirs: set[str] = set()  # project dirs checked to be real directories
         self._max_dirs = 0
+        self._root_seen = False  # a `./` directory member was read
         self._manifest_buf: bytearray | None = None
         self._manifest_sha = ""
         self._in_file = False  # inside a regular file's data (begin/data/end)
@@ -556,10 +559,13 @@ class SnapshotWriter:
 
     def begin(self, member: TarMember) -> None:
         """TarHandler: a member starts (called by the tar reader)."""
+        mtype = member.type
+        if member.name in _ROOT_NAMES:
+            self._root_member(member)
+            return
         if self.manifest is None:
             self._begin_manifest(member)
             return
-        mtype = member.type
         if mtype is MemberType.FILE:
             entry = self._files.get(member.name)  # manifest paths are already validated
             if entry is not None and entry.target is None and member.name not in self._kinds:
@@ -635,6 +641,19 @@ class SnapshotWriter:
         if is_reserved(path) or path == MANIFEST_NAME:
             raise UnsafePathError(f"archive member uses a reserved path: {path!r}")
         return path
+
+    def _root_member(self, member: TarMember) -> None:
+        # `tar -C dir .` (GNU tar, bsdtar) archives the root itself as `./`: a directory member
+        # naming the project root says nothing that publishing does not already do. Anything
+        # else under that name (a file, a link) could only mean "replace the root": refused.
+        if member.type is not MemberType.DIR:
+            raise UnsafePathError(
+                f"archive member {member.name!r} names the project root and is a "
+                f"{member.type.value}, not a directory"
+            )
+        if self._root_seen:
+            raise SnapshotInvalidError("duplicate directory member for the project root '.'")
+        self._root_seen = True
 
     def _begin_manifest(self, member: TarMember) -> None:
         name = member.name.removeprefix("./")
