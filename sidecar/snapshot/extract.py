@@ -43,6 +43,7 @@ from sidecar.tree.paths import STATE_DIR_NAME, check_rel_path, is_reserved
 from sidecar.tree.state import FileState, StateStore
 
 __all__ = [
+    "META_DIRS",
     "PublishResult",
     "SnapshotWriter",
     "check_symlink_chains",
@@ -62,6 +63,9 @@ DECOMPRESS_CHUNK = 1 << 18  # decompressed bytes handed to the tar reader at a t
 QUEUE_DEPTH = 4  # batches (each at most one decompressed chunk) queued for the writer thread
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _SYMLINK_MODE = stat.S_IFLNK | 0o777  # FileState.mode marker for symlinks
+# State meta: the directories of the published snapshot (the file rows do not imply the empty
+# ones), so that the next publish can remove those the new snapshot no longer has.
+META_DIRS = "snapshot_dirs"
 # How `tar -C dir .` names the root (the tar reader strips a directory's trailing slash).
 _ROOT_NAMES = frozenset({".", "./"})
 
@@ -105,6 +109,7 @@ class PublishResult:
     written: int  # files and symlinks moved into place
     unchanged: int  # files already holding the right bytes (at most a mode fix)
     removed: int  # paths of the previous tree deleted
+    removed_dirs: int  # directories of the previous snapshot deleted (empty, not in this one)
     bytes_written: int
     seconds: float
 
@@ -851,12 +856,14 @@ class SnapshotWriter:
 
     # -- publishing --
 
-    def publish(self, state: StateStore) -> PublishResult:
+    def publish(self, state: StateStore, meta: Mapping[str, object] | None = None) -> PublishResult:
         """Converge project_dir to the staged tree, record it in `state`, remove staging.
 
         Each file appears by one atomic rename; files of the previous tree (per `state`) that the
-        snapshot no longer has are deleted; untracked files are left alone unless they are in
-        the way. `.sidecar` is never touched.
+        snapshot no longer has are deleted, and so are the directories the previous snapshot
+        had (`state.meta(META_DIRS)`) and this one has not, once empty; untracked files are left
+        alone unless they are in the way (a directory holding one stays). `.sidecar` is never
+        touched. `meta` is recorded in the same transaction as the tree.
         """
         manifest = self.finish()
         if self._published:
@@ -865,7 +872,7 @@ class SnapshotWriter:
         project = self.project_dir
         project.mkdir(parents=True, exist_ok=True)
         new_dirs = sorted(p for p, k in self._kinds.items() if k == "d")
-        written = unchanged = removed = 0
+        written = unchanged = removed = removed_dirs = 0
         if self._project_is_empty():
             # Fresh project: moving the top-level entries moves the whole tree.
             for entry in sorted(self.staging_dir.iterdir()):
@@ -893,12 +900,13 @@ class SnapshotWriter:
                 _move(self.staging_dir / path, dst)
                 written += 1
             removed = self._remove_stale(state)
+            removed_dirs = self._remove_stale_dirs(state.meta(META_DIRS))
         # The staged tree has been moved: drop the bookkeeping before building the state rows
         # (lower peak memory; a second publish() is refused anyway).
         self._published = True
-        del new_dirs
         self._kinds, self._unchanged, self._explicit_dirs, self._real_dirs = {}, set(), set(), set()
-        self._record(state, manifest)
+        self._record(state, manifest, {**(meta or {}), META_DIRS: new_dirs})
+        del new_dirs
         shutil.rmtree(self.staging_dir, ignore_errors=True)
         seconds = round(time.monotonic() - t0, 3)
         log.info(
@@ -907,6 +915,7 @@ class SnapshotWriter:
             written=written,
             unchanged=unchanged,
             removed=removed,
+            removed_dirs=removed_dirs,
             seconds=seconds,
         )
         return PublishResult(
@@ -914,6 +923,7 @@ class SnapshotWriter:
             written=written,
             unchanged=unchanged,
             removed=removed,
+            removed_dirs=removed_dirs,
             bytes_written=self._bytes_written,
             seconds=seconds,
         )
@@ -952,7 +962,26 @@ class SnapshotWriter:
                 pass  # not empty (untracked files) or already gone
         return removed
 
-    def _record(self, state: StateStore, manifest: Manifest) -> None:
+    def _remove_stale_dirs(self, old: object) -> int:
+        """rmdir the previous snapshot's directories that this one does not have, deepest first;
+        one still holding anything (an untracked file) stays, and so do its parents."""
+        if not isinstance(old, list):
+            return 0  # a state from before directories were recorded
+        kinds, top, removed = self._kinds, self._reserved_top, 0
+        stale = [d for d in old if isinstance(d, str) and d not in kinds]
+        for d in sorted(stale, key=lambda p: p.count("/"), reverse=True):
+            if is_reserved(d) or d.partition("/")[0] == top:
+                continue
+            if not _parents_are_dirs(self.project_dir, d):
+                continue  # an ancestor is now a file or symlink: d is already gone
+            try:
+                (self.project_dir / d).rmdir()  # a symlink is refused (ENOTDIR): never followed
+            except OSError:
+                continue  # not empty, already gone, or not a directory
+            removed += 1
+        return removed
+
+    def _record(self, state: StateStore, manifest: Manifest, extra: Mapping[str, object]) -> None:
         files = manifest.files
         old_items = state.items()  # taken now, before replace_all swaps the mirror
 
@@ -971,6 +1000,7 @@ class SnapshotWriter:
             "created_at": manifest.created_at,
             "seq": manifest.seq,
             "manifest_sha256": self._manifest_sha,
+            **extra,
         }
         if self._sha_in is not None:
             meta["snapshot_sha256"] = self._sha_in.hexdigest()

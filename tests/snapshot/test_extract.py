@@ -19,7 +19,7 @@ from sidecar.snapshot.extract import PublishResult, SnapshotWriter, new_staging_
 from sidecar.snapshot.manifest import Manifest
 from sidecar.tree.state import StateStore
 
-from .archives import Snap, zst
+from .archives import EOA, Snap, member, zst
 
 
 @pytest.fixture
@@ -420,3 +420,45 @@ def test_zstd_frame_variants_and_skippable_frames(
         w.abort()
     extract(project, blob, state, chunk=5)
     assert {p: d for p, (_, d, _) in tree(project).items()} == snap.files
+
+
+def test_stale_empty_directories_are_removed_also_after_a_restart(
+    tmp_path: Path, project: Path
+) -> None:
+    """Directories the previous snapshot had and the new one has not go once empty, across a
+    restart (a fresh StateStore); one still holding an untracked file stays."""
+    v1 = Snap(files={"src/a.js": b"a", "keep/k.txt": b"k", "old/deep/f.txt": b"f"})
+    empty = (
+        member("empty/", typeflag=b"5")
+        + member("x/", typeflag=b"5")
+        + member("x/y/", typeflag=b"5")
+    )
+    state = StateStore(project / ".sidecar")
+    extract(project, zst(v1.manifest_member() + v1.members() + empty + EOA), state)
+    assert (project / "x" / "y").is_dir()
+    assert (project / "empty").is_dir()
+    (project / "keep" / "untracked.log").write_text("mine")
+    state.close()
+
+    state = StateStore(project / ".sidecar")  # a restart
+    v2 = Snap(files={"src/a.js": b"a2", "new/n.txt": b"n"}, snapshot_id="snap-2")
+    result = extract(
+        project,
+        zst(v2.manifest_member() + v2.members() + member("kept-empty/", typeflag=b"5") + EOA),
+        state,
+    )
+    assert sorted(p for p, v in tree(project).items() if v[0] == "d") == [
+        "keep",
+        "kept-empty",
+        "new",
+        "src",
+    ]
+    assert (project / "keep" / "untracked.log").read_text() == "mine"
+    assert result.removed_dirs == 3  # empty, x/y, x (old/deep and old went with their file)
+    assert state.meta("snapshot_dirs") == ["kept-empty", "new", "src"]
+    state.close()
+
+    state = StateStore(project / ".sidecar")
+    extract(project, Snap(files={"src/a.js": b"a3"}, snapshot_id="snap-3").zst(), state)
+    assert sorted(p for p, v in tree(project).items() if v[0] == "d") == ["keep", "src"]
+    state.close()
