@@ -202,6 +202,7 @@ def _start_sync(
         session_id=settings.session_id,
         on_applied=on_applied,
         tuning=SyncTuning(request_wait=settings.snapshot.request_wait),
+        accept_client_events=settings.sync.accept_client_events,
     )
     replay_since = rt.state.meta("created_at")
     sub = Subscription(

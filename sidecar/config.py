@@ -103,6 +103,7 @@ class SyncSettings:
         ".venv",
     )
     local_changes: bool = True
+    accept_client_events: bool = False  # apply file:*/bulk:apply/snapshot:ready without meta.id
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +227,7 @@ class Settings:
                 ),  # type: ignore[arg-type]
                 ignore=SyncSettings().ignore + ignore_extra,
                 local_changes=p.flag("SIDECAR_LOCAL_CHANGES", True),
+                accept_client_events=p.flag("SIDECAR_ACCEPT_CLIENT_EVENTS", False),
             ),
             http=http,
             log_format=p.choice("LOG_FORMAT", ("json", "console"), "console" if isatty else "json"),  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,6 +27,7 @@ from sidecar.errors import QuotaExceededError, SidecarError
 from sidecar.live.apply import Applier, ResyncNeeded
 from sidecar.live.events import (
     BULK_APPLY,
+    OUTBOUND_EVENTS,
     SNAPSHOT_READY,
     DeltaEvent,
     InvalidEventError,
@@ -112,6 +113,8 @@ class SyncEngine:
         session_id: sent in snapshot:request.
         on_applied: called with the paths each applied event (or resync) changed.
         tuning: gap-recovery timing.
+        accept_client_events: apply file changes and snapshot:ready without `meta.id` (pushed
+            by clients on the channel); SIDECAR_ACCEPT_CLIENT_EVENTS, weaker.
     """
 
     def __init__(
@@ -125,7 +128,9 @@ class SyncEngine:
         session_id: str = "local",
         on_applied: OnApplied | None = None,
         tuning: SyncTuning | None = None,
+        accept_client_events: bool = False,
     ) -> None:
+        self.accept_client_events = accept_client_events
         self.applier = applier
         self.state = state
         self.metrics = metrics
@@ -286,8 +291,30 @@ class SyncEngine:
             return None
         return max(0.0, min(deadlines) - time.monotonic())
 
+    def _untrusted(self, event: str, meta: Any) -> bool:
+        """A file change or snapshot:ready without `meta.id` was pushed by a client on the
+        channel, not written by the database through realtime.send (which always adds it, see
+        sidecar/testing/realtime/server.py send_db). Refused unless SIDECAR_ACCEPT_CLIENT_EVENTS:
+        its seq is not counted either, so pushes cannot make the database's events look like
+        duplicates or gaps."""
+        if self.accept_client_events or event in OUTBOUND_EVENTS:
+            return False
+        if not (event.startswith("file:") or event in {BULK_APPLY, SNAPSHOT_READY}):
+            return False
+        meta_id = meta.get("id") if isinstance(meta, Mapping) else None
+        return not (isinstance(meta_id, str) and meta_id)
+
     def _parse(self, event: str, payload: Any, meta: Any, received_at: float) -> _Item | None:
         self.last_event_at = received_at
+        if self._untrusted(event, meta):
+            self.metrics.event(str(event)[:64], "untrusted")
+            self._count("untrusted")
+            log.warning(
+                "sync.event_untrusted",
+                event_name=str(event)[:64],
+                reason="no meta.id: pushed by a client on the channel, not by the database",
+            )
+            return None
         try:
             ev = parse_event(event, payload, meta, metrics=self.metrics)
         except InvalidEventError as exc:

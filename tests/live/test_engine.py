@@ -28,6 +28,7 @@ from sidecar.tree.fsio import is_temp_name
 from sidecar.tree.state import FileState, StateStore
 
 Msg = tuple[str, dict[str, Any], dict[str, Any]]
+DB_META = {"id": "row-db"}  # what realtime.send adds: the events below come from the database
 FAST = SyncTuning(reorder_wait=0.01, replay_wait=0.05, request_wait=2.0, replay_margin=1.0)
 
 
@@ -321,7 +322,7 @@ async def test_snapshot_ready_without_request_is_ignored_when_old(tmp_path: Path
             (
                 "snapshot:ready",
                 {"snapshot_url": "http://x.test/old", "snapshot_id": "old", "seq": 1},
-                None,
+                DB_META,
             )
         )
         r.feed(r.db.update("b.txt", "b"))
@@ -342,12 +343,12 @@ async def test_hostile_events_counted_and_skipped(tmp_path: Path) -> None:
                     "content_hash": sha(b"x"),
                     "version": 1,
                 },
-                None,
+                DB_META,
             ),
             (
                 "file:update",
                 {"file_path": "/abs", "content": "x", "content_hash": sha(b"x"), "version": 1},
-                None,
+                DB_META,
             ),
             (
                 "file:update",
@@ -357,17 +358,17 @@ async def test_hostile_events_counted_and_skipped(tmp_path: Path) -> None:
                     "content_hash": sha(b"x"),
                     "version": 9,
                 },
-                None,
+                DB_META,
             ),
             (
                 "file:update",
                 {"file_path": "a.txt", "content": "x", "content_hash": "nothex", "version": 1},
-                None,
+                DB_META,
             ),
-            ("file:delete", {"file_path": "a.txt", "version": "1"}, None),
-            ("file:update", [1, 2, 3], None),
-            ("evil:event", {"x": 1}, None),
-            ("bulk:apply", {"files": "no"}, None),
+            ("file:delete", {"file_path": "a.txt", "version": "1"}, DB_META),
+            ("file:update", [1, 2, 3], DB_META),
+            ("evil:event", {"x": 1}, DB_META),
+            ("bulk:apply", {"files": "no"}, DB_META),
             (
                 "file:update",
                 {
@@ -377,7 +378,7 @@ async def test_hostile_events_counted_and_skipped(tmp_path: Path) -> None:
                     "version": 1,
                     "seq": -4,
                 },
-                None,
+                DB_META,
             ),
         ]
         for m in bad:
@@ -403,7 +404,7 @@ async def test_rejected_event_with_a_seq_is_not_a_gap(tmp_path: Path) -> None:
             "version": 1,
             "seq": r.db.seq,
         }
-        r.feed(("file:update", unsafe, None))
+        r.feed(("file:update", unsafe, DB_META))
         r.feed(r.db.update("b.txt", "2"))
         await r.until(lambda: r.converged() and r.engine.last_seq == r.db.seq)
         assert r.engine.counts["rejected"] == 1
@@ -632,7 +633,7 @@ async def test_gap_converges_on_a_real_snapshot(tmp_path: Path, snapshot_server:
                             "sha256": sha(data),
                             "seq": snap_seq,
                         },
-                        None,
+                        DB_META,
                     )
                 )
 
@@ -853,3 +854,74 @@ async def test_seq_without_baseline_never_drops_an_edit(tmp_path: Path) -> None:
         await r.until(lambda: r.engine.last_seq == 2)
         r.feed(first)
         await r.until(r.converged)
+
+
+async def test_client_pushes_without_meta_id_are_untrusted_and_spend_no_seq(
+    tmp_path: Path,
+) -> None:
+    """file:update (higher version), file:delete, bulk:apply and snapshot:ready without meta.id,
+    using the next seqs: nothing changes, each is counted untrusted, and the database's events
+    with those same seqs still apply (no duplicate, no gap, no snapshot:request)."""
+    async with rig(tmp_path) as r:
+        r.engine.mark_hydrated(Manifest("p1", "s", 0, {}, seq=0))
+        r.feed(r.db.update("a.txt", "from the db"))
+        await r.until(r.converged)
+        evil = b"evil"
+        pushes: list[tuple[str, Any, Any]] = [
+            (
+                "file:update",
+                {
+                    "file_path": "a.txt",
+                    "content": "evil",
+                    "content_hash": sha(evil),
+                    "version": 99,
+                    "seq": 2,
+                },
+                None,
+            ),
+            ("file:delete", {"file_path": "a.txt", "version": 100, "seq": 3}, {"replayed": True}),
+            (
+                "bulk:apply",
+                {
+                    "seq": 4,
+                    "version": 1,
+                    "files": [
+                        {
+                            "file_path": "b.txt",
+                            "content": "evil",
+                            "content_hash": sha(evil),
+                            "version": 1,
+                        }
+                    ],
+                },
+                {},
+            ),
+            (
+                "snapshot:ready",
+                {"snapshot_url": "http://evil.test/s", "snapshot_id": "evil", "seq": 50},
+                None,
+            ),
+        ]
+        for m in pushes:
+            r.feed(m)
+        r.feed(r.db.update("a.txt", "db v2"))  # seq 2
+        r.feed(r.db.update("c.txt", "db c"))  # seq 3
+        await r.until(lambda: r.engine.counts.get("untrusted", 0) == 4)
+        await r.until(r.converged)
+        assert r.engine.last_seq == 3
+        assert r.engine.counts.get("duplicate", 0) == 0
+        assert [e for e, _ in r.link.sent if e == "snapshot:request"] == []
+        assert r.engine.resyncs == 0
+        assert not (r.project / "b.txt").exists()
+
+
+async def test_accept_client_events_applies_pushes(tmp_path: Path) -> None:
+    """SIDECAR_ACCEPT_CLIENT_EVENTS=true (the weaker mode for editors that broadcast from the
+    browser): a push without meta.id applies like a database event."""
+    async with rig(tmp_path) as r:
+        r.engine.accept_client_events = True
+        r.engine.mark_hydrated(Manifest("p1", "s", 0, {}, seq=0))
+        event, payload, _meta = r.db.update("a.txt", "pushed")
+        r.feed((event, payload, None))
+        await r.until(r.converged)
+        assert r.engine.counts.get("untrusted", 0) == 0
