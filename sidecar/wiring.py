@@ -1,0 +1,388 @@
+"""Build every component of one sidecar once and connect them; nothing here starts a task.
+
+`build(settings, cmd, http=...)` returns `Components`: the app's phases (`sidecar/app.py`) only
+start, await and stop what is in it. A feature that is switched off is a null object with the
+same methods (`NoLive`, `NoLocalChanges`, `NoHooks`, `NoChild`), so no phase tests for None.
+
+Two references are cyclic by nature and are closed with a closure over a name bound a few lines
+below, instead of by assigning attributes after construction: the subscription delivers into the
+engine while the engine rejoins and sends through the subscription, and the Applier asks
+LocalSync about a path (before_publish) while LocalSync shares the Applier's lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import aiohttp
+import structlog
+
+from sidecar.config import Settings
+from sidecar.health import HealthState
+from sidecar.live.apply import Applier
+from sidecar.live.engine import SyncEngine, SyncTuning
+from sidecar.live.events import DeltaEvent, FileChange
+from sidecar.live.subscription import Subscription, SubscriptionTuning
+from sidecar.live.tokens import TokenSource
+from sidecar.metrics import Metrics
+from sidecar.process.child import ChildProcess, Reaper, Supervisor, build_child_env
+from sidecar.process.hooks import OnChangeHooks
+from sidecar.snapshot.hydrate import hydrate
+from sidecar.snapshot.manifest import Manifest
+from sidecar.tree.state import StateStore
+from sidecar.twoway.localsync import Conflict, LocalSync
+from sidecar.twoway.upstream import Upstream
+
+__all__ = [
+    "Components",
+    "Live",
+    "LocalChanges",
+    "NoChild",
+    "NoHooks",
+    "NoLive",
+    "NoLocalChanges",
+    "build",
+]
+
+log = structlog.get_logger(component="sidecar")
+
+Task = Coroutine[Any, Any, object]
+
+
+# -- remote changes in --
+
+
+@dataclass(frozen=True, slots=True)
+class Live:
+    """Remote changes in: the token source, the subscription and the engine behind it."""
+
+    enabled: ClassVar[bool] = True
+    tokens: TokenSource
+    subscription: Subscription
+    engine: SyncEngine
+
+    def tasks(self) -> dict[str, Task]:
+        """What runs in the steady-state TaskGroup, by task name."""
+        return {
+            "tokens": self.tokens.run(),
+            "subscription": self.subscription.run(),
+            "sync": self.engine.run(),
+        }
+
+    def mark_hydrated(self, manifest: Manifest | None) -> None:
+        """Apply the events buffered during hydration from now on."""
+        self.engine.mark_hydrated(manifest)
+
+    async def wait_idle(self) -> None:
+        """Wait until the buffer is on disk (the child starts after it)."""
+        await self.engine.wait_idle()
+
+    async def request_snapshot(self, reason: str) -> DeltaEvent:
+        """Once joined, send snapshot:request and return the snapshot:ready answer."""
+        await self.subscription.wait_joined()
+        return await self.engine.request_snapshot_and_wait(reason)
+
+    def refresh(self, health: HealthState) -> None:
+        """Copy the live status into `health` (before every /readyz and /status answer)."""
+        health.subscribed = self.subscription.is_joined
+        st = self.engine.status()
+        health.last_seq = st["last_seq"]
+        health.lag_seconds = st["lag"]
+        health.last_event_at = st["last_applied_at"]
+        health.counts = dict(st["counts"])
+        if st["last_error"]:
+            health.last_error = st["last_error"]
+
+
+class NoLive:
+    """REALTIME_URL is not set: nothing to subscribe to, so readiness does not wait for it."""
+
+    enabled: ClassVar[bool] = False
+
+    def tasks(self) -> dict[str, Task]:
+        """Nothing runs."""
+        return {}
+
+    def mark_hydrated(self, manifest: Manifest | None) -> None:
+        """Nothing is buffered."""
+
+    async def wait_idle(self) -> None:
+        """Nothing is buffered."""
+
+    async def request_snapshot(self, reason: str) -> DeltaEvent:
+        """No channel, so no answer ever comes."""
+        raise TimeoutError
+
+    def refresh(self, health: HealthState) -> None:
+        """Readiness does not wait for a subscription."""
+        health.subscribed = True
+
+
+# -- local changes out --
+
+
+@dataclass(frozen=True, slots=True)
+class LocalChanges:
+    """Local changes out: LocalSync fed by a watcher over the project directory."""
+
+    sync: LocalSync
+    ignore: tuple[str, ...]
+
+    async def run(self) -> None:
+        """Watch and push until cancelled. Started after hydration: the published tree is what
+        the state records, not news."""
+        await self.sync.run(self.sync.watcher(ignore=self.ignore, initial_scan=True))
+
+    async def close(self) -> None:
+        """Persist the last-synced bases that merges need after a restart."""
+        await self.sync.close()
+
+    @property
+    def conflicts(self) -> Sequence[Conflict]:
+        """The conflicts listed in /status."""
+        return self.sync.conflicts
+
+
+class NoLocalChanges:
+    """SIDECAR_LOCAL_CHANGES=false, or no channel: local edits are neither reported nor pushed."""
+
+    conflicts: ClassVar[Sequence[Conflict]] = ()
+
+    async def run(self) -> None:
+        """Nothing to watch."""
+
+    async def close(self) -> None:
+        """Nothing to persist."""
+
+
+# -- hooks and the child --
+
+
+class NoHooks:
+    """SIDECAR_ON_CHANGE is empty."""
+
+    def notify(self, paths: Sequence[str]) -> None:
+        """No rule matches anything."""
+
+    async def run(self) -> None:
+        """Nothing to run."""
+
+
+class NoChild:
+    """`sidecar sync`: no child to supervise; the sidecar runs until a signal."""
+
+    child: ClassVar[ChildProcess | None] = None
+    exit_code: ClassVar[int | None] = None
+
+    async def run(self) -> int:
+        """Never returns: without a child only a signal ends the steady state."""
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def restart(self) -> None:
+        """Nothing to restart."""
+
+    def forward(self, sig: int) -> bool:
+        """Nothing to forward to."""
+        return False
+
+    def kill(self) -> None:
+        """Nothing to kill."""
+
+    async def stop(self) -> int | None:
+        """Nothing to stop."""
+        return None
+
+
+# -- the whole --
+
+
+@dataclass(frozen=True, slots=True)
+class Components:
+    """Everything one sidecar is made of, built and connected by `build`."""
+
+    settings: Settings
+    metrics: Metrics
+    health: HealthState
+    state: StateStore
+    http: aiohttp.ClientSession
+    reaper: Reaper
+    applier: Applier
+    live: Live | NoLive
+    local: LocalChanges | NoLocalChanges
+    hooks: OnChangeHooks | NoHooks
+    child: Supervisor | NoChild
+
+
+def build(
+    settings: Settings, cmd: tuple[str, ...] = (), *, http: aiohttp.ClientSession
+) -> Components:
+    """Construct every component for `settings` and connect them; start nothing.
+
+    `http` is opened (and closed) by the app. Opens the state database; raises ConfigError for
+    an unusable token or on-change rule.
+    """
+    metrics = Metrics(settings.project_id, settings.session_id)
+    metrics.quota_bytes.set(settings.limits.max_bytes)
+    state = StateStore(settings.state_dir)
+    reaper = Reaper()
+    env = build_child_env(os.environ)
+    child = _child(settings, cmd, env, reaper, metrics)
+    hooks: OnChangeHooks | NoHooks = NoHooks()
+    if settings.on_change:
+        hooks = OnChangeHooks(
+            settings.on_change,
+            settings.project_dir,
+            env,
+            on_restart=child.restart,
+            reaper=reaper,
+            stop_grace=settings.stop_grace,
+        )
+    live: Live | NoLive = NoLive()
+    local: LocalChanges | NoLocalChanges = NoLocalChanges()
+    if not settings.realtime.url:
+        log.warning("sidecar.sync_disabled", reason="REALTIME_URL is not set")
+        applier = _applier(settings, state, metrics, http, before_publish=None)
+    else:
+        tokens = TokenSource.from_settings(settings.realtime)
+        engine: SyncEngine  # bound below; the subscription only calls it once running
+
+        def deliver(event: str, payload: dict[str, Any], meta: dict[str, Any] | None) -> None:
+            engine.on_message(event, payload, meta)
+
+        replay_since = state.meta("created_at")
+        sub = Subscription(
+            settings.realtime,
+            metrics,
+            deliver,
+            tokens=tokens,
+            replay_since_ms=replay_since if isinstance(replay_since, int) else None,
+            tuning=SubscriptionTuning(auth_fail_window=settings.realtime.auth_fail_window),
+        )
+        local_sync: LocalSync | None = None
+        if settings.sync.local_changes:
+            # LocalSync shares the Applier's lock; the Applier calls back into it under that lock.
+            async def before_publish(changes: Sequence[FileChange]) -> None:
+                assert local_sync is not None
+                await local_sync.before_publish(changes)
+
+            applier = _applier(settings, state, metrics, http, before_publish=before_publish)
+            local_sync = LocalSync.from_settings(
+                settings,
+                state,
+                metrics,
+                lock=applier.lock,
+                send=sub.send,
+                upstream=_upstream(settings, tokens, http),
+            )
+            local = LocalChanges(local_sync, settings.sync.ignore)
+        else:
+            applier = _applier(settings, state, metrics, http, before_publish=None)
+
+        async def resync(url: str, sha256: str | None) -> Manifest:
+            return await hydrate(settings, state, metrics, url=url, sha256=sha256, session=http)
+
+        engine = SyncEngine(
+            applier,
+            state,
+            metrics,
+            link=sub,
+            resync=resync,
+            session_id=settings.session_id,
+            on_applied=hooks.notify,
+            tuning=SyncTuning(request_wait=settings.snapshot.request_wait),
+            accept_client_events=settings.sync.accept_client_events,
+        )
+        live = Live(tokens, sub, engine)
+
+    def refresh() -> None:
+        _refresh_status(health, state, live, local, child)
+
+    health = HealthState(
+        project_id=settings.project_id, session_id=settings.session_id, refresh=refresh
+    )
+    return Components(
+        settings=settings,
+        metrics=metrics,
+        health=health,
+        state=state,
+        http=http,
+        reaper=reaper,
+        applier=applier,
+        live=live,
+        local=local,
+        hooks=hooks,
+        child=child,
+    )
+
+
+def _applier(
+    settings: Settings,
+    state: StateStore,
+    metrics: Metrics,
+    http: aiohttp.ClientSession,
+    *,
+    before_publish: Any,
+) -> Applier:
+    return Applier(
+        settings.project_dir,
+        state,
+        settings.limits,
+        metrics,
+        write_mode=settings.write_mode,
+        http=http,
+        before_publish=before_publish,
+    )
+
+
+def _upstream(
+    settings: Settings, tokens: TokenSource, http: aiohttp.ClientSession
+) -> Upstream | None:
+    if settings.sync.upstream != "rpc" or not settings.sync.supabase_url:
+        return None
+    return Upstream(
+        settings.sync.supabase_url,
+        settings.project_id,
+        apikey=settings.realtime.apikey or "",
+        token=lambda: tokens.current,
+        session=http,
+    )
+
+
+def _child(
+    settings: Settings,
+    cmd: tuple[str, ...],
+    env: dict[str, str],
+    reaper: Reaper,
+    metrics: Metrics,
+) -> Supervisor | NoChild:
+    if not cmd:
+        return NoChild()
+
+    def factory() -> ChildProcess:
+        return ChildProcess(cmd, settings.project_dir, env, settings.stop_grace, reaper=reaper)
+
+    return Supervisor(factory, metrics, restart=settings.restart_child)
+
+
+def _refresh_status(
+    health: HealthState,
+    state: StateStore,
+    live: Live | NoLive,
+    local: LocalChanges | NoLocalChanges,
+    child: Supervisor | NoChild,
+) -> None:
+    """Copy the components' live status into HealthState (called on every /readyz, /status)."""
+    live.refresh(health)
+    health.conflicts = [c.to_json() for c in local.conflicts]
+    current = child.child
+    if current is not None:
+        health.child_pid, health.child_status = current.pid, current.exit_code
+    snapshot_id = state.meta("snapshot_id")
+    health.snapshot_id = (
+        snapshot_id if isinstance(snapshot_id, str) else None
+    ) or health.snapshot_id

@@ -1,0 +1,171 @@
+"""The app's phases in-process, against the real fakes (tests/e2e runs the same as a subprocess)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from structlog.testing import capture_logs
+
+from sidecar.app import Sidecar, _Teardown
+from sidecar.config import Settings
+from sidecar.errors import ConfigError
+from sidecar.live.subscription import Subscription
+from sidecar.process.child import Supervisor
+from sidecar.process.hooks import OnChangeHooks
+from sidecar.wiring import Live, LocalChanges, NoChild, NoHooks, NoLive, NoLocalChanges, build
+from tests.e2e.e2e_stack import Stack, base_env, read_tree, wait_for
+
+SLEEPER = (sys.executable, "-c", "import time; time.sleep(60)")
+
+
+def _settings(stack: Stack | None, project_dir: Path, **overrides: str | None) -> Settings:
+    return Settings.from_env(base_env(stack, project_dir, overrides=overrides))
+
+
+async def _get(sidecar: Sidecar, path: str) -> tuple[int, str]:
+    url = f"http://127.0.0.1:{sidecar.http_port}{path}"
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        return resp.status, await resp.text()
+
+
+async def _ready(sidecar: Sidecar) -> bool:
+    if sidecar.http_port is None:
+        return False
+    status, _ = await _get(sidecar, "/readyz")
+    return status == 200
+
+
+async def _serving(sidecar: Sidecar, until: Callable[[], Awaitable[object]]) -> int:
+    """Serve until `until` returns, then SIGTERM ourselves (the app's handler) and return the code."""
+    task = asyncio.create_task(sidecar.serve())
+    try:
+        await until()
+    except BaseException:
+        task.cancel()
+        raise
+    os.kill(os.getpid(), signal.SIGTERM)
+    return await asyncio.wait_for(task, 15)
+
+
+async def test_run_hydrates_then_returns_the_childs_status(tmp_path: Path) -> None:
+    """The child starts on the hydrated tree, and its exit status is the app's."""
+    async with Stack() as stack:
+        settings = _settings(stack, tmp_path / "p")
+        check = "import os, sys; sys.exit(3 if os.path.exists('src/app.js') else 9)"
+        code = await Sidecar(settings, (sys.executable, "-c", check), hydrate_first=True).serve()
+        assert code == 3
+        assert read_tree(tmp_path / "p") == stack.files()
+
+
+async def test_live_delta_lands_and_sigterm_stops_in_order(tmp_path: Path) -> None:
+    """With Realtime wired, an edit in the database reaches the disk; SIGTERM stops the child,
+    returns 128+15, and the teardown closes the listener."""
+    async with Stack() as stack:
+        sidecar = Sidecar(_settings(stack, tmp_path / "p"), SLEEPER, hydrate_first=True)
+
+        async def edit_and_wait() -> None:
+            await wait_for(lambda: _ready(sidecar), 20, "ready")
+            await stack.rpc.editor_upsert(stack.project, "src/app.js", b"v = 2\n")
+            target = tmp_path / "p" / "src" / "app.js"
+            await wait_for(lambda: target.read_bytes() == b"v = 2\n", 10, "the delta on disk")
+
+        with capture_logs() as logs:
+            code = await _serving(sidecar, edit_and_wait)
+        assert code == 128 + signal.SIGTERM
+        events = [e["event"] for e in logs]
+        assert events.index("sidecar.stopping") < events.index("sidecar.stopped")
+        assert "sidecar.shutdown_failed" not in events
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await _get(sidecar, "/healthz")
+
+
+async def test_without_realtime_ready_with_null_live(tmp_path: Path) -> None:
+    """REALTIME_URL unset: the null Live makes readiness not wait for a subscription."""
+    async with Stack() as stack:
+        url, sha = stack.snapshot()
+        settings = _settings(
+            None,
+            tmp_path / "p",
+            SNAPSHOT_URL=url,
+            SNAPSHOT_SHA256=sha,
+            PROJECT_ID=stack.project,
+        )
+        sidecar = Sidecar(settings, SLEEPER, hydrate_first=True)
+
+        async def ready_then_status() -> None:
+            await wait_for(lambda: _ready(sidecar), 20, "ready")
+            _, body = await _get(sidecar, "/status")
+            assert '"subscribed": true' in body
+
+        assert await _serving(sidecar, ready_then_status) == 128 + signal.SIGTERM
+        assert read_tree(tmp_path / "p") == stack.files()
+
+
+async def test_sync_only_refuses_an_unhydrated_dir_and_still_tears_down(tmp_path: Path) -> None:
+    """`sidecar sync` on an empty PROJECT_DIR fails with ConfigError after closing what startup
+    opened (the health listener no longer answers)."""
+    sidecar = Sidecar(_settings(None, tmp_path / "p"), (), hydrate_first=False)
+    with capture_logs() as logs, pytest.raises(ExceptionGroup) as info:
+        await sidecar.serve()
+    assert info.group_contains(ConfigError, match="not hydrated")
+    assert "sidecar.stopping" in [e["event"] for e in logs]
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await _get(sidecar, "/healthz")
+
+
+async def test_teardown_runs_every_step_newest_first_and_collects_failures() -> None:
+    """A failing step is logged and kept; the steps pushed before it still run."""
+    ran: list[str] = []
+
+    def step(name: str, fail: bool = False) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            ran.append(name)
+            if fail:
+                raise OSError(f"{name} failed")
+
+        return run
+
+    teardown = _Teardown()
+    teardown.push("first", step("first"))
+    teardown.push("second", step("second", fail=True))
+    teardown.push("third", step("third"))
+    with capture_logs() as logs:
+        failures = await teardown.run()
+    assert ran == ["third", "second", "first"]
+    assert [str(f) for f in failures] == ["second failed"]
+    assert [(e["event"], e["step"]) for e in logs] == [("sidecar.shutdown_failed", "second")]
+
+
+async def test_build_uses_null_objects_for_disabled_features(tmp_path: Path) -> None:
+    """Without REALTIME_URL, on-change rules or a command, every optional part is a null object;
+    with them, the real components."""
+    async with aiohttp.ClientSession() as http:
+        off = build(_settings(None, tmp_path / "a"), (), http=http)
+        off.state.close()
+        assert isinstance(off.live, NoLive)
+        assert isinstance(off.local, NoLocalChanges)
+        assert isinstance(off.hooks, NoHooks)
+        assert isinstance(off.child, NoChild)
+        async with Stack() as stack:
+            on = build(
+                _settings(
+                    stack, tmp_path / "b", SIDECAR_LOCAL_CHANGES="true", SIDECAR_ON_CHANGE="*=true"
+                ),
+                SLEEPER,
+                http=http,
+            )
+            on.state.close()
+        assert isinstance(on.live, Live)
+        assert isinstance(on.live.subscription, Subscription)
+        assert on.live.engine.link is on.live.subscription
+        assert isinstance(on.local, LocalChanges)
+        assert on.applier.before_publish is not None
+        assert isinstance(on.hooks, OnChangeHooks)
+        assert isinstance(on.child, Supervisor)
