@@ -48,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--snapshot-id", default=None)
     build.add_argument("--seq", type=int, default=None)
     build.add_argument("--level", type=int, default=3, help="zstd level (default 3)")
+    db = sub.add_parser("db", help="the database side (SQL migration)")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_sql = db_sub.add_parser("sql", help="print the migration (psql -f, or a Supabase migration)")
+    db_sql.add_argument(
+        "--allow-client-broadcast",
+        action="store_true",
+        help="append the opt-in policy letting an `editor` token broadcast on its channel",
+    )
     demo = sub.add_parser("demo", help="the whole loop against an embedded local stack")
     demo.add_argument("--dir", type=Path, default=None, help="project directory (default: temp)")
     demo.add_argument(
@@ -61,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 # One-shot commands whose process ends with the command: once it has returned, the state DB is
 # closed, every thread joined and every log line written, so the interpreter's teardown (about
 # 50 ms after a 25,000-file hydration: freeing the manifest, finalizing aiohttp) is skipped.
-_ONE_SHOT = frozenset({"hydrate", "snapshot"})
+_ONE_SHOT = frozenset({"hydrate", "snapshot", "db"})
 
 
 def entrypoint() -> NoReturn:
@@ -82,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.command == "db":
+        return _db(args)  # prints package data: needs no configuration or logging
     try:
         settings = Settings.from_env(os.environ, isatty=sys.stdout.isatty())
     except SidecarError as exc:
@@ -156,6 +166,17 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         return await demo.run(args.dir, keep_running=args.keep_running)
     raise AssertionError(args.command)
+
+
+def _db(args: argparse.Namespace) -> int:
+    from sidecar import sql
+
+    text = sql.migration_sql()
+    if args.allow_client_broadcast:
+        text += "\n" + sql.option_sql("client_broadcast")
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return 0
 
 
 def _first(group: BaseException) -> BaseException:

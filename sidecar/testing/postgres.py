@@ -62,17 +62,16 @@ class PostgresUnavailableError(SidecarError):
 def find_bindir() -> Path | None:
     """The directory holding initdb/pg_ctl/postgres: SIDECAR_PG_BINDIR, else Debian's 15."""
     env = os.environ.get("SIDECAR_PG_BINDIR")
-    for candidate in (Path(env) if env else None, DEFAULT_BINDIR):
-        if candidate is not None and (candidate / "initdb").is_file():
-            return candidate
-    return None
+    candidate = Path(env) if env else DEFAULT_BINDIR
+    return candidate if (candidate / "initdb").is_file() else None
 
 
 def unavailable_reason() -> str | None:
     """Why a cluster cannot be started here (one line), or None when it can."""
     if find_bindir() is None:
         return (
-            f"PostgreSQL server binaries not found in {DEFAULT_BINDIR} (install the Debian "
+            "PostgreSQL server binaries not found in "
+            f"{os.environ.get('SIDECAR_PG_BINDIR') or DEFAULT_BINDIR} (install the Debian "
             "package postgresql-15, or set SIDECAR_PG_BINDIR)"
         )
     if os.geteuid() == 0:
@@ -316,7 +315,9 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m sidecar.testing.postgres [--port P]`: run a cluster until SIGTERM/SIGINT."""
-    p = argparse.ArgumentParser(prog="sidecar.testing.postgres", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="sidecar.testing.postgres", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--port", type=int, default=0)
     asyncio.run(_serve(p.parse_args(argv)))
 
