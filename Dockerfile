@@ -59,7 +59,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     PROJECT_DIR=/app/project \
     SIDECAR_HTTP_ADDR=0.0.0.0:8787
 
-USER app
+# Two users (README, "Trust boundary"): the sidecar runs as root so that it can run the dev
+# server as `app` (SIDECAR_CHILD_USER), hand it the project tree, and keep the token file and its
+# state to itself; it is non-dumpable, so `app` cannot read its /proc/<pid>/environ or mem.
+# Hardened runs drop the rest: --cap-drop ALL --cap-add CHOWN,DAC_OVERRIDE,FOWNER,SETUID,SETGID,KILL
+ENV SIDECAR_CHILD_USER=app
 WORKDIR /app/project
 EXPOSE 8787 3000
 

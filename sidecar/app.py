@@ -26,12 +26,13 @@ from sidecar.config import Settings
 from sidecar.errors import ConfigError, HookFailedError, SnapshotUnavailableError
 from sidecar.health import serve
 from sidecar.process import hooks as hooks_mod
-from sidecar.process.child import build_child_env
+from sidecar.process.child import build_child_env, set_run_as
+from sidecar.process.identity import protect_private_files
 from sidecar.redact import redact
 from sidecar.snapshot.hydrate import hydrate
 from sidecar.snapshot.manifest import Manifest
 from sidecar.tree.preflight import check_dirs
-from sidecar.wiring import Components, build
+from sidecar.wiring import Components, build, hand_over_tree
 
 __all__ = ["Sidecar", "run", "sync_only"]
 
@@ -138,6 +139,12 @@ class Sidecar:
         self._teardown.push("http", http.close)
         c = build(settings, self.cmd, http=http)
         self._teardown.push("state", _as_async(c.state.close))
+        # Started as root: the child (untrusted code) runs as another user and cannot read the
+        # token file or the state; non-dumpable (cli.py) keeps it out of /proc/<pid>/environ.
+        set_run_as(c.child_user)
+        if c.child_user is not None:
+            protect_private_files(settings.state_dir, settings.realtime.token_file)
+            log.info("sidecar.child_user", user=c.child_user.name, uid=c.child_user.uid)
         log.info(
             "sidecar.starting",
             command=list(self.cmd),
@@ -192,6 +199,7 @@ class Sidecar:
             manifest = None
             if c.state.meta("snapshot_id") is None:
                 raise ConfigError("PROJECT_DIR is not hydrated; run `sidecar hydrate`")
+        await hand_over_tree(self.settings, c.child_user)
         health.hydrated = True
         health.snapshot_id = _str_or_none(c.state.meta("snapshot_id"))
         c.live.mark_hydrated(manifest)

@@ -20,6 +20,7 @@ from sidecar import __version__
 from sidecar.config import Settings
 from sidecar.errors import ExitCode, SidecarError, environment_fault
 from sidecar.log import configure_logging
+from sidecar.process.identity import make_non_dumpable
 from sidecar.redact import redact
 
 __all__ = ["entrypoint", "main"]
@@ -103,6 +104,9 @@ def _main(args: argparse.Namespace) -> int:
         project_id=settings.project_id,
         session_id=settings.session_id,
     )
+    # The child and anything else of the same uid must not read our token or signed URL
+    # through /proc/<pid>/environ or mem (sidecar/process/identity.py).
+    make_non_dumpable()
     code = int(ExitCode.INTERNAL)
     try:
         try:

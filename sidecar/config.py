@@ -136,6 +136,7 @@ class Settings:
     ] = ()  # (glob, action) where action is "restart" or a command
     restart_child: bool = False
     stop_grace: float = 10.0
+    child_user: str | None = None  # SIDECAR_CHILD_USER; unset = "app" when started as root
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, isatty: bool = False) -> Settings:
@@ -236,6 +237,7 @@ class Settings:
             on_change=tuple(on_change),
             restart_child=p.flag("SIDECAR_RESTART_CHILD", False),
             stop_grace=p.seconds("SIDECAR_STOP_GRACE", 10.0),
+            child_user=p.text("SIDECAR_CHILD_USER", "") or None,
         )
         if settings.sync.upstream == "rpc" and not settings.sync.supabase_url:
             p.problems.append("SIDECAR_UPSTREAM=rpc needs SUPABASE_URL")

@@ -31,6 +31,7 @@ from sidecar.live.tokens import TokenSource
 from sidecar.metrics import Metrics
 from sidecar.process.child import ChildProcess, Reaper, Supervisor, build_child_env
 from sidecar.process.hooks import OnChangeHooks
+from sidecar.process.identity import ChildUser, hand_over, hand_over_paths, resolve_child_user
 from sidecar.snapshot.hydrate import hydrate
 from sidecar.snapshot.manifest import Manifest
 from sidecar.tree.state import StateStore
@@ -46,6 +47,7 @@ __all__ = [
     "NoLive",
     "NoLocalChanges",
     "build",
+    "hand_over_tree",
 ]
 
 log = structlog.get_logger(component="sidecar")
@@ -216,6 +218,7 @@ class Components:
     local: LocalChanges | NoLocalChanges
     hooks: OnChangeHooks | NoHooks
     child: Supervisor | NoChild
+    child_user: ChildUser | None = None  # who the child runs as (started as root)
 
 
 def build(
@@ -228,6 +231,7 @@ def build(
     """
     metrics = Metrics(settings.project_id, settings.session_id)
     metrics.quota_bytes.set(settings.limits.max_bytes)
+    child_user = resolve_child_user(settings.child_user)
     state = StateStore(settings.state_dir)
     reaper = Reaper()
     env = build_child_env(os.environ)
@@ -284,7 +288,14 @@ def build(
             applier = _applier(settings, state, metrics, http, before_publish=None)
 
         async def resync(url: str, sha256: str | None) -> Manifest:
-            return await hydrate(settings, state, metrics, url=url, sha256=sha256, session=http)
+            manifest = await hydrate(settings, state, metrics, url=url, sha256=sha256, session=http)
+            await hand_over_tree(settings, child_user)
+            return manifest
+
+        def on_applied(paths: list[str]) -> None:
+            if child_user is not None:
+                hand_over_paths(settings.project_dir, child_user, paths)
+            hooks.notify(paths)
 
         engine = SyncEngine(
             applier,
@@ -293,7 +304,7 @@ def build(
             link=sub,
             resync=resync,
             session_id=settings.session_id,
-            on_applied=hooks.notify,
+            on_applied=on_applied,
             tuning=SyncTuning(request_wait=settings.snapshot.request_wait),
             accept_client_events=settings.sync.accept_client_events,
         )
@@ -317,7 +328,15 @@ def build(
         local=local,
         hooks=hooks,
         child=child,
+        child_user=child_user,
     )
+
+
+async def hand_over_tree(settings: Settings, user: ChildUser | None) -> None:
+    """Give the child's user the published tree (it writes node_modules, caches, edits)."""
+    if user is not None:
+        changed = await asyncio.to_thread(hand_over, settings.project_dir, user)
+        log.debug("sidecar.handed_over", entries=changed, user=user.name)
 
 
 def _applier(

@@ -26,6 +26,7 @@ import structlog
 
 from sidecar.errors import ChildStartError, ExitCode
 from sidecar.metrics import Metrics
+from sidecar.process.identity import ChildUser
 
 __all__ = [
     "FORWARDED_SIGNALS",
@@ -36,6 +37,7 @@ __all__ = [
     "build_child_env",
     "exit_status",
     "set_child_subreaper",
+    "set_run_as",
     "spawn",
 ]
 
@@ -56,6 +58,16 @@ PRIVATE_ENV: tuple[str, ...] = ("SNAPSHOT_URL", "REALTIME_TOKEN", "REALTIME_TOKE
 _GROUP_POLL = 0.05  # seconds between checks that a stopped child's process group is empty
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
+
+
+_run_as: ChildUser | None = None
+
+
+def set_run_as(user: ChildUser | None) -> None:
+    """Run every child and hook started from now on as `user` (None: as ourselves). Set once by
+    the app when it starts as root (sidecar/process/identity.py)."""
+    global _run_as
+    _run_as = user
 
 
 def exit_status(returncode: int) -> int:
@@ -101,10 +113,19 @@ async def spawn(
     if not argv:
         raise ChildStartError("empty command", ExitCode.CHILD_NOT_FOUND)
     holding = reaper.holding() if reaper is not None else contextlib.nullcontext()
+    user = _run_as
+    if user is not None:
+        env = {**env, **user.env()}
     with holding:
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, cwd=cwd, env=dict(env), start_new_session=True
+                *argv,
+                cwd=cwd,
+                env=dict(env),
+                start_new_session=True,
+                user=None if user is None else user.uid,
+                group=None if user is None else user.gid,
+                extra_groups=None if user is None else [],
             )
         except FileNotFoundError as exc:
             if cwd is not None and exc.filename is not None and str(exc.filename) == str(cwd):
