@@ -1,0 +1,304 @@
+"""A PostgREST-compatible RPC gateway over a real PostgreSQL, for tests, the demo and compose.
+
+`POST /rest/v1/rpc/<fn>` (and `/rpc/<fn>`, PostgREST's own path) with a JSON object of named
+arguments. What happens is what Supabase's gateway and PostgREST do:
+
+1. The `apikey` header must be a JWT signed with the project's secret (Kong's key check);
+   missing: 401. `Authorization: Bearer <jwt>` is verified with PyJWT (HS256; `exp`/`nbf`/`iat`
+   with 30 s of leeway, `aud` not checked, as PostgREST without `jwt-aud`); bad: 401 PGRST301,
+   expired: 401 PGRST303. No Authorization header means the anon role.
+2. One READ COMMITTED transaction on a connection logged in as `authenticator`, with `role`,
+   `request.jwt.claims`, `request.method`, `request.path`, `request.headers` set locally, and the
+   function called with named arguments (sidecar/testing/pgrst.py).
+3. The answer: the function's JSON (200), 204 for `void`, or PostgREST's error body
+   `{code, message, details, hint}` with its status for the SQLSTATE.
+
+Versions, conflicts, seq and broadcasts all come from the SQL (sidecar/sql/); the gateway only
+transports. `faults` inject the same transport failures as the in-memory RpcServer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import jwt
+import psycopg
+import structlog
+from aiohttp import web
+from psycopg.pq import TransactionStatus
+
+from sidecar.testing._server import LoopbackServer, until_terminated
+from sidecar.testing.pgrst import RpcError, call_rpc
+from sidecar.testing.rpc_server import RpcFaults
+
+__all__ = ["Gateway", "main"]
+
+log = structlog.get_logger(component="gateway")
+
+_LEEWAY = 30  # seconds, as PostgREST
+_MAX_IDLE = 8
+
+
+class Gateway(LoopbackServer):
+    """PostgREST-style RPC endpoint over PostgreSQL; an async context manager.
+
+    Args:
+        dsn: libpq connection string of the `authenticator` login role.
+        jwt_secret: HS256 secret of tokens (default: random; read `.jwt_secret`).
+        anon_key: the accepted `apikey` (default: an anon JWT signed with the secret).
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        jwt_secret: str | None = None,
+        anon_key: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        super().__init__(host, port)
+        self.dsn = dsn
+        self.jwt_secret = jwt_secret or secrets.token_urlsafe(32)
+        self.anon_key = anon_key or self.make_token(None, role="anon", exp_in=10 * 365 * 86400)
+        self.faults = RpcFaults()
+        self.calls: list[tuple[str, int]] = []  # (function, status) for assertions
+        self.rpc_seconds: list[float] = []  # time spent in the database per successful call
+        self._idle: list[psycopg.AsyncConnection[Any]] = []
+
+    # -- lifecycle --
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/rest/v1/rpc/{name}", self._handle_rpc)
+        app.router.add_post("/rpc/{name}", self._handle_rpc)
+        app.router.add_post("/_admin/token", self._handle_token)
+        app.router.add_get("/healthz", self._handle_health)
+
+    async def close(self) -> None:
+        await super().close()
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.close()
+
+    @property
+    def url(self) -> str:
+        """The SUPABASE_URL-like root (RPCs under /rest/v1/rpc/)."""
+        return self.base_url
+
+    # -- tokens --
+
+    def make_token(
+        self,
+        project_id: str | None,
+        *,
+        role: str = "authenticated",
+        exp_in: float = 3600,
+        **claims: Any,
+    ) -> str:
+        """An HS256 JWT with role, iat, exp, aud and (when given) the project_id claim."""
+        now = int(time.time())
+        body: dict[str, Any] = {
+            "role": role,
+            "iat": now,
+            "exp": now + int(exp_in),
+            "aud": "authenticated" if role == "authenticated" else role,
+        }
+        if project_id is not None:
+            body["project_id"] = project_id
+        body.update(claims)
+        return jwt.encode(body, self.jwt_secret, algorithm="HS256")
+
+    # -- Python API --
+
+    async def call(
+        self, name: str, args: dict[str, Any], claims: dict[str, Any] | None
+    ) -> tuple[int, Any]:
+        """Run one RPC with already verified claims (what an editor's request would do)."""
+        async with self._connection() as conn:
+            return await call_rpc(conn, name, args, claims)
+
+    async def register_project(self, project_id: str) -> None:
+        """Make a project known (register_project as the service role)."""
+        await self.call("register_project", {"project_uuid": project_id}, {"role": "service_role"})
+
+    # -- plumbing --
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        conn = self._idle.pop() if self._idle else await psycopg.AsyncConnection.connect(self.dsn)
+        try:
+            yield conn
+        finally:
+            # An RPC error rolled its transaction back: the connection is reusable if idle.
+            reusable = not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE
+            if reusable and len(self._idle) < _MAX_IDLE and self._runner is not None:
+                self._idle.append(conn)
+            else:
+                await conn.close()
+
+    def _claims(self, request: web.Request) -> dict[str, Any] | None:
+        apikey = request.headers.get("apikey")
+        if not apikey:
+            raise RpcError(
+                401,
+                None,
+                "No API key found in request",
+                hint="No `apikey` request header or url param was found.",
+            )
+        try:
+            jwt.decode(
+                apikey,
+                self.jwt_secret,
+                algorithms=["HS256"],
+                options={"verify_aud": False, "verify_exp": False},
+            )
+        except jwt.InvalidTokenError:
+            raise RpcError(401, None, "Invalid API key") from None
+        auth = request.headers.get("Authorization", "")
+        if not auth:
+            return None
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise RpcError(401, "PGRST301", "No suitable key or wrong key type")
+        try:
+            claims = jwt.decode(
+                token.strip(),
+                self.jwt_secret,
+                algorithms=["HS256"],
+                leeway=_LEEWAY,
+                options={"verify_aud": False},
+            )
+        except jwt.ExpiredSignatureError:
+            raise RpcError(401, "PGRST303", "JWT expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise RpcError(401, "PGRST301", f"JWT invalid: {type(exc).__name__}") from None
+        if not isinstance(claims, dict):
+            raise RpcError(401, "PGRST301", "JWT claims are not an object")
+        return claims
+
+    async def _handle_rpc(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        status = 0
+        try:
+            if self.faults.delay:
+                await asyncio.sleep(self.faults.delay)
+            if self.faults.drop_first > 0:
+                self.faults.drop_first -= 1
+                return _drop(request)
+            self._injected_failure()
+            claims = self._claims(request)
+            args = await _arguments(request)
+            started = time.perf_counter()
+            headers = {k: v for k, v in request.headers.items() if k.lower() != "authorization"}
+            async with self._connection() as conn:
+                status, body = await call_rpc(conn, name, args, claims, headers=headers)
+            self.rpc_seconds.append(time.perf_counter() - started)
+            if self.faults.lose_response_first > 0 and name not in _READS:
+                self.faults.lose_response_first -= 1
+                status = 0
+                return _drop(request)
+            if status == 204:
+                return web.Response(status=204)
+            return web.Response(
+                status=status,
+                body=json.dumps(body).encode(),
+                content_type="application/json",
+                charset="utf-8",
+            )
+        except RpcError as exc:
+            status = exc.status
+            return web.Response(
+                status=exc.status,
+                body=json.dumps(exc.body).encode(),
+                content_type="application/json",
+                charset="utf-8",
+            )
+        except psycopg.OperationalError as exc:
+            status = 503
+            log.warning("gateway.database_unavailable", error=str(exc))
+            body = {
+                "code": "PGRST000",
+                "message": "Could not connect with the database",
+                "details": None,
+                "hint": None,
+            }
+            return web.json_response(body, status=503)
+        finally:
+            self.calls.append((name, status))
+
+    def _injected_failure(self) -> None:
+        if self.faults.fail_first > 0:
+            self.faults.fail_first -= 1
+            raise RpcError(
+                self.faults.fail_status,
+                "PGRST000",
+                "Could not connect with the database due to an injected fault",
+            )
+
+    async def _handle_token(self, request: web.Request) -> web.Response:
+        body = dict(await request.json())
+        project = body.pop("project_id", None)
+        role = str(body.pop("role", "authenticated"))
+        exp_in = float(body.pop("exp_in", 3600))
+        return web.json_response(
+            {"token": self.make_token(project, role=role, exp_in=exp_in, **body)}
+        )
+
+    async def _handle_health(self, _request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+
+_READS = frozenset(
+    {"get_project_file", "list_current_files", "project_snapshot", "project_events_since"}
+)
+
+
+async def _arguments(request: web.Request) -> dict[str, Any]:
+    try:
+        args = await request.json()
+    except ValueError:
+        raise RpcError(400, "PGRST102", "Empty or invalid json") from None
+    if not isinstance(args, dict):
+        raise RpcError(400, "PGRST102", "The request body must be a JSON object")
+    return args
+
+
+def _drop(request: web.Request) -> web.Response:
+    if request.transport is not None:
+        request.transport.abort()
+    return web.Response(status=500)  # never reaches the client
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    gateway = Gateway(
+        args.dsn,
+        jwt_secret=args.jwt_secret,
+        anon_key=args.anon_key,
+        host=args.host,
+        port=args.port,
+    )
+    async with gateway:
+        log.info("gateway.listening", url=gateway.url)
+        await until_terminated()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run standalone: `python -m sidecar.testing.gateway --dsn DSN --jwt-secret S --port P`."""
+    p = argparse.ArgumentParser(prog="gateway", description=__doc__.splitlines()[0])
+    p.add_argument("--dsn", required=True, help="libpq DSN of the authenticator role")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--jwt-secret", default=None)
+    p.add_argument("--anon-key", default=None)
+    asyncio.run(_serve(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
