@@ -3,7 +3,8 @@
 Kubernetes projects a secret as a symlinked directory that is swapped atomically, so the file's
 *directory* is watched (watchfiles) and the file re-read on any event there; a slow poll and a
 re-read at 80% of the token's lifetime back the watch up. A token whose claims say
-`role: service_role` is never used (ConfigError). The token itself is never logged.
+`role: service_role` is never used: ConfigError at start, refused and alarmed on a rotation
+(the current token is kept). The token itself is never logged.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ class TokenSource:
         self._version = 0
         self._event = asyncio.Event()
         self._received_at = time.time()
+        self.refused = 0  # rotations to a service_role token, refused (the current one kept)
+        self.last_refusal: str | None = None  # for /status
+        self._refused_print: str | None = None
         initial = self._read_file() if token_file is not None else token
         if not initial:
             what = f"REALTIME_TOKEN_FILE {token_file}" if token_file else "REALTIME_TOKEN"
@@ -137,15 +141,21 @@ class TokenSource:
     def reload(self) -> bool:
         """Re-read the token file; True when a different token was accepted.
 
-        Raises:
-            ConfigError: the file now holds a service_role token.
+        A file rotated to a service_role token is refused, but the preview goes on: the
+        current scoped token is kept (until it expires, when the channel's own auth-failure
+        handling takes over) and the refusal is alarmed (an error log once per token, `refused`,
+        `last_refusal` in /status). Exiting would take the user's preview down for an
+        orchestrator's mistake, and the service_role key is never sent anywhere either way.
         """
         if self.token_file is None:
             return False
         new = self._read_file()
         if not new or new == self._token:
             return False
-        _check(new, "REALTIME_TOKEN_FILE")
+        if jwt_claims(new).get("role") == "service_role":
+            self._refuse(new)
+            return False
+        self.last_refusal = None
         self._set(new)
         exp = self.expires_at
         log.info(
@@ -157,12 +167,23 @@ class TokenSource:
         self._notify()
         return True
 
-    async def run(self) -> None:
-        """Watch the token file's directory forever (returns at once for a fixed token).
+    def _refuse(self, token: str) -> None:
+        register_secret(token)  # never in a log line, even refused
+        fp = _fingerprint(token)
+        if fp == self._refused_print:
+            return  # the same file re-read: alarmed once
+        self._refused_print = fp
+        self.refused += 1
+        exp = self.expires_at
+        left = "" if exp is None else f", it expires in {max(0, round(exp - time.time()))} s"
+        self.last_refusal = (
+            "REALTIME_TOKEN_FILE holds a service_role token: refused, "
+            f"keeping the current scoped token{left}"
+        )
+        log.error("tokens.service_role_refused", token=fp, reason=self.last_refusal)
 
-        Raises:
-            ConfigError: the file was replaced by a service_role token.
-        """
+    async def run(self) -> None:
+        """Watch the token file's directory forever (returns at once for a fixed token)."""
         if self.token_file is None:
             return
         directory = self.token_file.parent

@@ -17,7 +17,7 @@ from realtime import AsyncRealtimeClient, RealtimeChannelOptions
 from realtime.types import ChannelEvents
 
 from sidecar.testing.realtime.server import Policy
-from tests.e2e.e2e_stack import Stack, running_sidecar
+from tests.e2e.e2e_stack import Stack, atomic_write, running_sidecar
 
 pytestmark = pytest.mark.e2e
 
@@ -145,3 +145,25 @@ async def test_with_the_channel_policy_forged_pushes_are_refused_by_the_server(
             # The database's event only, to each subscriber (the sidecar and the producer).
             assert stack.rt.counters.delivered == relayed + len(stack.rt.channels(stack.topic))
             assert await sc.metric("sidecar_events_total", outcome="untrusted") == 0
+
+
+async def test_token_file_rotated_to_service_role_keeps_the_preview_up(tmp_path: Path) -> None:
+    """REALTIME_TOKEN_FILE rewritten with a service_role token while running: refused and
+    alarmed (error log, /status), the current scoped token is kept, the child keeps running
+    and database changes keep applying; the key appears in no log line."""
+    token_file = tmp_path / "secrets" / "token"
+    async with (
+        Stack() as stack,
+        running_sidecar(
+            stack, tmp_path, cmd=["sleep", "600"], token=stack.token(), token_file=token_file
+        ) as sc,
+    ):
+        bad = stack.rpc.make_token(stack.project, role="service_role")
+        atomic_write(token_file, bad)
+        await sc.wait_log("tokens.service_role_refused")
+        status = await sc.status()
+        assert "service_role" in (status.get("last_error") or ""), status
+        await stack.rpc.editor_upsert(stack.project, "src/app.js", b"after rotation\n")
+        await sc.wait_tree(stack.files, timeout=10)
+        assert sc.proc.returncode is None
+        assert bad not in sc.log_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from sidecar.config import RealtimeSettings
 from sidecar.errors import ConfigError
 from sidecar.live.tokens import TokenSource, token_expiry
-from sidecar.redact import Secret
+from sidecar.redact import Secret, redact
 
 SECRET = "test-secret-with-at-least-32-bytes!!"
 
@@ -141,18 +142,40 @@ async def test_poll_fallback_rereads(tmp_path: Path) -> None:
     assert TokenSource(make_token()).reload() is False
 
 
-async def test_runtime_service_role_ends_run(tmp_path: Path) -> None:
-    """A service_role token written at runtime is never used and run() raises ConfigError."""
+async def test_runtime_service_role_is_refused_and_the_current_token_kept(
+    tmp_path: Path,
+) -> None:
+    """A service_role token written at runtime is never used: run() goes on with the current
+    token, the refusal is counted once (not on every re-read) and named for /status, the key
+    is redacted from logs, and a later scoped token is accepted again."""
     path = tmp_path / "token"
     first = make_token()
     path.write_text(first)
-    src = TokenSource(token_file=path, poll_interval=30)
+    src = TokenSource(token_file=path, poll_interval=0.05)
     task = asyncio.create_task(src.run())
-    path.write_text(make_token(role="service_role"))
-    async with asyncio.timeout(5):
-        with pytest.raises(ConfigError, match="service_role"):
+    try:
+        bad = make_token(role="service_role")
+        path.write_text(bad)
+        async with asyncio.timeout(5):
+            while src.refused == 0:
+                await asyncio.sleep(0.01)
+        assert src.reload() is False  # re-read: not alarmed twice
+        assert src.refused == 1
+        assert src.current == first
+        assert not task.done()
+        assert src.last_refusal is not None
+        assert "service_role" in src.last_refusal
+        assert bad not in redact(f"leaked {bad}")
+        second = make_token(sub="next")
+        path.write_text(second)
+        async with asyncio.timeout(5):
+            await src.changed()
+        assert src.current == second
+        assert src.last_refusal is None
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
             await task
-    assert src.current == first
 
 
 async def test_fixed_token_run_returns() -> None:
