@@ -27,7 +27,7 @@ import jwt
 import structlog
 from aiohttp import web
 
-from sidecar.testing._server import LoopbackServer, run_standalone, until_terminated
+from sidecar.testing._server import LoopbackServer, json_body, run_standalone, until_terminated
 
 __all__ = ["Faults", "ServedRequest", "SnapshotServer", "main"]
 
@@ -319,7 +319,7 @@ class SnapshotServer(LoopbackServer):
         return None
 
     async def _handle_sign(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await json_body(request)
         path = body.get("path")
         if not isinstance(path, str) or not path:
             return _error(400, "InvalidRequest", "path is required")
@@ -328,7 +328,7 @@ class SnapshotServer(LoopbackServer):
         return web.json_response({"url": self.url_for(path, expires_in=expires_in, bucket=bucket)})
 
     async def _handle_fault(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await json_body(request)
         if body.pop("reset", False):
             self.faults.reset()
         names = {f.name for f in fields(Faults)}
@@ -424,16 +424,6 @@ def _if_range_ok(if_range: str | None, etag: str, mtime: float) -> bool:
         return int(parsedate_to_datetime(if_range).timestamp()) >= int(mtime)
     except (TypeError, ValueError):
         return False
-
-
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise web.HTTPBadRequest(text="body must be JSON") from None
-    if not isinstance(body, dict):
-        raise web.HTTPBadRequest(text="body must be a JSON object")
-    return body
 
 
 async def _serve_forever(args: argparse.Namespace) -> None:
