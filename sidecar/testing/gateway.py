@@ -81,8 +81,8 @@ class Gateway(LoopbackServer):
         app.router.add_post("/_admin/token", self._handle_token)
         app.router.add_get("/healthz", self._handle_health)
 
-    async def close(self) -> None:
-        await super().close()
+    async def stop(self) -> None:
+        await super().stop()
         idle, self._idle = self._idle, []
         for conn in idle:
             await conn.close()
