@@ -10,9 +10,9 @@ import asyncio
 import atexit
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import structlog
 
@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="append the opt-in policy letting an `editor` token broadcast on its channel",
     )
+    from sidecar.orch.commands import add_parsers
+
+    add_parsers(sub, snap_sub)
     demo = sub.add_parser("demo", help="the whole loop against an embedded local stack")
     demo.add_argument("--dir", type=Path, default=None, help="project directory (default: temp)")
     demo.add_argument(
@@ -70,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 # One-shot commands whose process ends with the command: once it has returned, the state DB is
 # closed, every thread joined and every log line written, so the interpreter's teardown (about
 # 50 ms after a 25,000-file hydration: freeing the manifest, finalizing aiohttp) is skipped.
-_ONE_SHOT = frozenset({"hydrate", "snapshot", "db"})
+_ONE_SHOT = frozenset({"hydrate", "snapshot", "db", "token"})
 
 
 def entrypoint() -> NoReturn:
@@ -93,6 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     if args.command == "db":
         return _db(args)  # prints package data: needs no configuration or logging
+    from sidecar.orch.commands import is_orchestrator_command
+
+    if is_orchestrator_command(args):
+        # Outside the container, with the service-role credentials Settings.from_env refuses.
+        return _main_orchestrator(args)
     try:
         settings = Settings.from_env(os.environ, isatty=sys.stdout.isatty())
     except SidecarError as exc:
@@ -107,10 +115,35 @@ def _main(args: argparse.Namespace) -> int:
     # The child and anything else of the same uid must not read our token or signed URL
     # through /proc/<pid>/environ or mem (sidecar/process/identity.py).
     make_non_dumpable()
+    return _guarded(lambda: _dispatch(args, settings))
+
+
+def _main_orchestrator(args: argparse.Namespace) -> int:
+    from sidecar.orch.commands import dispatch, logging_options
+
+    try:
+        fmt, level = logging_options(os.environ, isatty=sys.stderr.isatty())
+    except SidecarError as exc:
+        configure_logging("console" if sys.stderr.isatty() else "json", stream=sys.stderr)
+        return _fail(exc)
+    # Logs go to stderr: stdout carries what the orchestrator reads (a token, SNAPSHOT_URL=...).
+    configure_logging(
+        fmt,
+        level,
+        project_id=getattr(args, "project", None) or "-",
+        session_id=getattr(args, "session", None) or "-",
+        stream=sys.stderr,
+    )
+    make_non_dumpable()  # it holds the service-role key or the JWT signing key
+    return _guarded(lambda: dispatch(args, os.environ))
+
+
+def _guarded(command: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run the command's coroutine; map every failure to its exit code (70 only for a bug)."""
     code = int(ExitCode.INTERNAL)
     try:
         try:
-            code = asyncio.run(_dispatch(args, settings))
+            code = asyncio.run(command())
         except* SidecarError as group:
             code = _fail(_first(group))
         except* Exception as group:
@@ -145,7 +178,7 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from sidecar import app
 
         return await app.sync_only(settings)
-    if args.command == "snapshot":
+    if args.command == "snapshot" and args.snapshot_command == "build":
         from sidecar.snapshot.build import build_snapshot
 
         manifest = await asyncio.to_thread(

@@ -56,6 +56,7 @@ from aiohttp import web
 from sidecar.snapshot.build import build_snapshot
 from sidecar.snapshot.manifest import Manifest
 from sidecar.testing._server import LoopbackServer, until_terminated
+from sidecar.testing.realtime.jwt import signing_key
 
 __all__ = [
     "Broadcaster",
@@ -200,6 +201,8 @@ class RpcServer(LoopbackServer):
     Args:
         realtime: where changes are broadcast (a RealtimeServer, or anything with `send_db`).
         jwt_secret: HS256 secret for tokens (default: the realtime server's, else random).
+        jwks: public keys ({"keys": [...]}) that verify ES256/RS256 tokens by `kid`, like
+            PostgREST's `jwt-secret` set to a JWKS (default: the realtime server's, if any).
         anon_key: the accepted `apikey` (default: the realtime server's `anon_key`, if any).
         inline_limit: content above this many bytes is broadcast by `content_url`.
     """
@@ -214,12 +217,14 @@ class RpcServer(LoopbackServer):
         port: int = 0,
         inline_limit: int = DEFAULT_INLINE_LIMIT,
         private: bool = True,
+        jwks: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(host, port)
         self.realtime = realtime
         self.jwt_secret = (
             jwt_secret or getattr(realtime, "jwt_secret", None) or secrets.token_urlsafe(32)
         )
+        self.jwt_jwks: Mapping[str, Any] | None = jwks or getattr(realtime, "jwt_jwks", None)
         self.anon_key: str = (
             anon_key
             or getattr(realtime, "anon_key", None)
@@ -584,7 +589,7 @@ class RpcServer(LoopbackServer):
                 "No API key found in request",
                 hint="No `apikey` request header or url param was found.",
             )
-        if apikey != self.anon_key and not _valid_jwt(apikey, self.jwt_secret):
+        if apikey != self.anon_key and not self._valid_jwt(apikey):
             raise _RpcError(
                 401,
                 None,
@@ -596,17 +601,33 @@ class RpcServer(LoopbackServer):
         if scheme.lower() != "bearer" or not token:
             token = apikey  # Supabase falls back to the apikey's role (anon)
         try:
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                self.jwt_secret,
-                algorithms=["HS256"],
-                options={"verify_aud": False, "require": ["exp"]},
-            )
+            claims = self._decode_jwt(token, require=["exp"])
         except jwt.ExpiredSignatureError:
             raise _RpcError(401, "PGRST303", "JWT expired") from None
         except jwt.InvalidTokenError as exc:
             raise _RpcError(401, "PGRST301", f"JWT invalid: {type(exc).__name__}") from None
         return claims
+
+    def _decode_jwt(self, token: str, require: list[str] | None = None) -> dict[str, Any]:
+        """Verified claims: HS256 with the secret, ES256/RS256 with the JWKS key of its `kid`."""
+        header = jwt.get_unverified_header(token)
+        key = signing_key(header, self.jwt_secret, self.jwt_jwks)
+        if key is None:
+            raise jwt.InvalidAlgorithmError(f"no key for alg {header.get('alg')!r}")
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            key,
+            algorithms=[str(header.get("alg"))],
+            options={"verify_aud": False, "require": require or []},
+        )
+        return claims
+
+    def _valid_jwt(self, token: str) -> bool:
+        try:
+            self._decode_jwt(token)
+        except jwt.InvalidTokenError:
+            return False
+        return True
 
     def _authorize(self, claims: Mapping[str, Any], project: str, name: str) -> None:
         role = claims.get("role")
@@ -710,14 +731,6 @@ def _drop(request: web.Request) -> web.Response:
     return web.Response(status=500)  # never reaches the client
 
 
-def _valid_jwt(token: str, secret: str) -> bool:
-    try:
-        jwt.decode(token, secret, algorithms=["HS256"], options={"verify_aud": False})
-    except jwt.InvalidTokenError:
-        return False
-    return True
-
-
 def _is_utf8(data: bytes) -> bool:
     try:
         data.decode()
@@ -782,6 +795,7 @@ async def _serve(args: argparse.Namespace) -> None:
     server = RpcServer(
         realtime=broadcaster,
         jwt_secret=args.jwt_secret,
+        jwks=json.loads(args.jwks) if args.jwks else None,
         anon_key=args.anon_key,
         host=args.host,
         port=args.port,
@@ -800,6 +814,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--jwt-secret", default=None)
     p.add_argument("--anon-key", default=None)
+    p.add_argument("--jwks", default=None, help='public keys for ES256 tokens: {"keys": [...]}')
     p.add_argument(
         "--realtime-admin-url",
         default=None,

@@ -170,6 +170,8 @@ class Broker:
 
     def __init__(self, jwt_secret: str, knobs: Knobs, policy: PolicyFn) -> None:
         self.jwt_secret = jwt_secret
+        # The tenant's `jwt_jwks`: public keys that verify ES256/RS256 tokens by `kid`.
+        self.jwt_jwks: Mapping[str, Any] | None = None
         self.knobs = knobs
         self.policy: PolicyFn = policy
         self.counters = Counters()
@@ -384,8 +386,10 @@ class Broker:
         return self.verify_token(token)
 
     def verify_token(self, token: str) -> dict[str, Any] | TokenFailure:
-        """`verify()` with this server's secret and claim validators."""
-        return verify(token, self.jwt_secret, validators=self.knobs.jwt_claim_validators)
+        """`verify()` with this server's secret, JWKS and claim validators."""
+        return verify(
+            token, self.jwt_secret, jwks=self.jwt_jwks, validators=self.knobs.jwt_claim_validators
+        )
 
     def check_channel_token(self, token: str) -> tuple[dict[str, Any], int] | TokenFailure:
         """What a channel checks at join and on every confirm: the token verifies and has not

@@ -2,18 +2,15 @@
 
 `verify()` follows `RealtimeWeb.ChannelsAuthorization.authorize_conn/3` and
 `RealtimeWeb.JwtVerification.verify/3` (supabase/realtime 2.129.8): URL-decode and strip
-whitespace, peek at claims and header, pick an HS* signer from the project secret, check the
-signature, run the Joken claim validators (`exp`, `iat` and the configured exact-match claims, in
+whitespace, peek at claims and header, pick a signer (HS* from the project secret, ES*/RS*/EdDSA
+from the tenant's JWKS by `kid`), check the signature with PyJWT, run the Joken claim validators (`exp`, `iat` and the configured exact-match claims, in
 sorted key order), round float `exp`/`iat`, then require `role` and `exp`. Failures come back as a
 `TokenFailure` whose helpers render the exact text each call site uses (connect, join, refresh).
 """
 
 from __future__ import annotations
 
-import base64
 import binascii
-import hashlib
-import hmac
 import json
 import math
 import re
@@ -29,6 +26,7 @@ __all__ = [
     "TokenFailure",
     "confirm_exp",
     "mint",
+    "signing_key",
     "verify",
 ]
 
@@ -46,7 +44,10 @@ FailureKind = Literal[
     "crash",  # something the real server raises on (bad percent-encoding)
 ]
 
-_HS = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
+_HS = frozenset({"HS256", "HS384", "HS512"})
+_ASYMMETRIC = frozenset(
+    {"ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"}
+)
 _MISSING = "Fields `role` and `exp` are required in JWT"
 _MALFORMED = "The token provided is not a valid JWT"
 _SIGNER = "Failed to generate JWT signer, check your JWT secret or JWKS configuration"
@@ -120,13 +121,33 @@ def mint(
 
 
 def _b64json(part: str) -> Any:
-    padded = part + "=" * (-len(part) % 4)
-    raw = base64.urlsafe_b64decode(padded.encode("ascii"))
-    return json.loads(raw)
+    return json.loads(jwt.utils.base64url_decode(part))
 
 
-def _b64bytes(part: str) -> bytes:
-    return base64.urlsafe_b64decode((part + "=" * (-len(part) % 4)).encode("ascii"))
+def signing_key(
+    header: Mapping[str, Any], secret: str | None, jwks: Mapping[str, Any] | None
+) -> str | jwt.PyJWK | None:
+    """The key that verifies a token with this header, or None when there is no signer.
+
+    HS* use the shared secret; an asymmetric alg needs the JWKS key with the header's `kid`
+    and that alg (Realtime's `jwt_jwks`, PostgREST's JWKS `jwt-secret`).
+    """
+    alg = header.get("alg")
+    if alg in _HS:
+        return secret or None
+    if alg not in _ASYMMETRIC or not jwks:
+        return None
+    kid = header.get("kid")
+    for raw in jwks.get("keys", []):
+        if not isinstance(raw, Mapping) or raw.get("kid") != kid:
+            continue
+        if raw.get("alg") not in (None, alg):
+            continue
+        try:
+            return jwt.PyJWK(dict(raw), algorithm=str(alg))
+        except jwt.PyJWKError:
+            return None
+    return None
 
 
 def _elixir_round(value: float) -> int:
@@ -162,12 +183,16 @@ def _claim_failure(claim: str, value: Any, message: str = '"Invalid token"') -> 
 
 def verify(
     token: object,
-    secret: str,
+    secret: str | None,
     *,
+    jwks: Mapping[str, Any] | None = None,
     validators: Mapping[str, Any] | None = None,
     now: int | None = None,
 ) -> dict[str, Any] | TokenFailure:
-    """Check `token` like Realtime's `authorize_conn`; the claims on success, else a failure."""
+    """Check `token` like Realtime's `authorize_conn`; the claims on success, else a failure.
+
+    `secret` verifies HS* tokens, `jwks` ({"keys": [public JWKs]}) the asymmetric ones.
+    """
     if not isinstance(token, str):
         return TokenFailure("invalid_token", detail=":invalid_token")
     if _BAD_PERCENT.search(token):
@@ -190,15 +215,13 @@ def verify(
         header = None
     if not isinstance(header, dict):
         return TokenFailure("header_not_map", detail=":expected_header_map")
-    digest = _HS.get(str(header.get("alg")))
-    if digest is None:
+    key = signing_key(header, secret, jwks)
+    if key is None:
         return TokenFailure("signer", detail=":error_generating_signer")
     try:
-        signature = _b64bytes(parts[2])
-    except (ValueError, binascii.Error):
-        return TokenFailure("signature", detail=":signature_error")
-    expected = hmac.new(secret.encode(), f"{parts[0]}.{parts[1]}".encode(), digest).digest()
-    if not hmac.compare_digest(signature, expected):
+        # Signature only: the claims are validated below the way Joken does, not PyJWT's way.
+        jwt.api_jws.decode_complete(cleaned, key, algorithms=[str(header["alg"])])
+    except jwt.PyJWTError:
         return TokenFailure("signature", detail=":signature_error")
 
     current = int(time.time()) if now is None else now

@@ -41,10 +41,11 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import json
 import math
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -127,11 +128,13 @@ class RealtimeServer(Faults, Broker, LoopbackServer):
         knobs: Knobs | None = None,
         policy: PolicyFn | None = None,
         admin: bool = True,
+        jwks: Mapping[str, Any] | None = None,
     ) -> None:
         LoopbackServer.__init__(self, host, port)
         Broker.__init__(
             self, jwt_secret or secrets.token_urlsafe(32), knobs or Knobs(), policy or allow_all
         )
+        self.jwt_jwks = jwks
         self.admin = admin
         now = int(time.time())
         ten_years = 10 * 365 * 86400
@@ -514,7 +517,12 @@ async def _serve_forever(args: argparse.Namespace) -> None:
             connect_error_backoff=args.connect_error_backoff,
         )
     server = RealtimeServer(
-        args.host, args.port, jwt_secret=args.jwt_secret, anon_key=args.anon_key, knobs=knobs
+        args.host,
+        args.port,
+        jwt_secret=args.jwt_secret,
+        anon_key=args.anon_key,
+        knobs=knobs,
+        jwks=json.loads(args.jwks) if args.jwks else None,
     )
     async with server:
         log.info(
@@ -537,6 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="the gateway's anon key (a JWT signed with --jwt-secret, or an sb_ key)",
     )
+    p.add_argument("--jwks", default=None, help='public keys for ES256 tokens: {"keys": [...]}')
     p.add_argument("--auth-mode", choices=("gateway", "jwt"), default="gateway")
     p.add_argument("--plan", choices=("free", "pro"), default=None)
     p.add_argument("--channel-error-backoff", type=float, default=5.0)

@@ -1,0 +1,107 @@
+"""Argument parsing and dispatch of the orchestrator's commands (sidecar/cli.py calls these).
+
+They run outside the container, so they read their own environment here instead of
+sidecar.config.Settings, whose refusal of service-role keys stays for the container's commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from sidecar.errors import ConfigError
+
+__all__ = ["add_parsers", "dispatch", "is_orchestrator_command", "logging_options"]
+
+log = structlog.get_logger(component="orchestrator")
+
+_LEVELS = ("debug", "info", "warning", "error")
+
+
+def add_parsers(sub: Any, snap_sub: Any) -> None:
+    """`token mint` (a new command) and `snapshot publish|worker` (actions of `snapshot`)."""
+    token = sub.add_parser("token", help="orchestrator: scoped JWTs for containers")
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    mint = token_sub.add_parser(
+        "mint",
+        help="mint a project-scoped JWT (SUPABASE_JWT_SIGNING_KEY or SUPABASE_JWT_SECRET)",
+    )
+    mint.add_argument("--project", required=True, help="the project's UUID")
+    mint.add_argument("--session", required=True, help="the container's session id (sender)")
+    mint.add_argument("--ttl", default="15m", help="lifetime: 900, 900s, 15m, 1h (max 24h)")
+    mint.add_argument("--read-only", action="store_true", help="the database refuses its writes")
+    mint.add_argument("--role", default="authenticated", help="never service_role")
+    mint.add_argument("--sub", default=None, help="a user UUID for auth.uid() (default: none)")
+    mint.add_argument("--audience", default="authenticated")
+    mint.add_argument("--issuer", default=None)
+    mint.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write the token to FILE atomically (0600) for REALTIME_TOKEN_FILE; else stdout",
+    )
+
+
+def is_orchestrator_command(args: argparse.Namespace) -> bool:
+    """True for the commands that run outside the container (token, snapshot publish|worker)."""
+    if args.command == "token":
+        return True
+    return args.command == "snapshot" and args.snapshot_command in {"publish", "worker"}
+
+
+def logging_options(env: Mapping[str, str], *, isatty: bool) -> tuple[str, str]:
+    """LOG_FORMAT (json | console, default console on a TTY) and LOG_LEVEL (default info)."""
+    fmt = env.get("LOG_FORMAT", "").strip().lower() or ("console" if isatty else "json")
+    level = env.get("LOG_LEVEL", "").strip().lower() or "info"
+    problems = []
+    if fmt not in ("json", "console"):
+        problems.append(f"LOG_FORMAT must be json or console, got {fmt!r}")
+    if level not in _LEVELS:
+        problems.append(f"LOG_LEVEL must be one of {', '.join(_LEVELS)}, got {level!r}")
+    if problems:
+        raise ConfigError(problems)
+    return fmt, level
+
+
+async def dispatch(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Run one orchestrator command; the exit code."""
+    if args.command == "token":
+        return _mint(args, env)
+    raise AssertionError(args)
+
+
+def _mint(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from sidecar.orch.token import mint_token, parse_ttl, signing_key_from_env, write_token_file
+
+    ttl = parse_ttl(args.ttl)
+    key = signing_key_from_env(env)
+    token = mint_token(
+        key,
+        project_id=args.project,
+        session_id=args.session,
+        ttl=ttl,
+        read_only=args.read_only,
+        role=args.role,
+        sub=args.sub,
+        audience=args.audience,
+        issuer=args.issuer,
+    )
+    if args.out is not None:
+        write_token_file(args.out, token)
+    else:
+        sys.stdout.write(token + "\n")
+        sys.stdout.flush()
+    log.info(
+        "token.minted",
+        alg=key.algorithm,
+        kid=key.kid,
+        ttl=ttl,
+        read_only=args.read_only,
+        out=str(args.out) if args.out else "stdout",
+    )
+    return 0
