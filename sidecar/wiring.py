@@ -24,7 +24,7 @@ import structlog
 from sidecar.config import Settings
 from sidecar.health import HealthState
 from sidecar.live.apply import Applier
-from sidecar.live.engine import SyncEngine, SyncTuning
+from sidecar.live.engine import ChannelLink, SyncEngine, SyncTuning
 from sidecar.live.events import DeltaEvent, FileChange
 from sidecar.live.subscription import Subscription, SubscriptionTuning
 from sidecar.live.tokens import TokenSource
@@ -269,6 +269,12 @@ def build(
             replay_since_ms=replay_since if isinstance(replay_since, int) else None,
             tuning=SubscriptionTuning(auth_fail_window=settings.realtime.auth_fail_window),
         )
+        # The container never writes on the channel: with SUPABASE_URL its reports and
+        # snapshot requests go through RPCs (the database re-broadcasts them), so a token that
+        # cannot write on the channel is enough for two-way sync.
+        reporter = _reporter(settings, tokens, http)
+        send = reporter.send if reporter is not None else sub.send
+        link: ChannelLink = sub if reporter is None else _RpcLink(sub, reporter)
         local_sync: LocalSync | None = None
         if settings.sync.local_changes:
             # LocalSync shares the Applier's lock; the Applier calls back into it under that lock.
@@ -282,7 +288,7 @@ def build(
                 state,
                 metrics,
                 lock=applier.lock,
-                send=sub.send,
+                send=send,
                 upstream=_upstream(settings, tokens, http),
             )
             local = LocalChanges(local_sync, settings.sync.ignore)
@@ -303,7 +309,7 @@ def build(
             applier,
             state,
             metrics,
-            link=sub,
+            link=link,
             resync=resync,
             session_id=settings.session_id,
             on_applied=on_applied,
@@ -358,6 +364,37 @@ def _applier(
         http=http,
         before_publish=before_publish,
     )
+
+
+def _reporter(
+    settings: Settings, tokens: TokenSource, http: aiohttp.ClientSession
+) -> Upstream | None:
+    if not settings.sync.supabase_url:
+        return None
+    return Upstream(
+        settings.sync.supabase_url,
+        settings.project_id,
+        apikey=settings.realtime.apikey or "",
+        token=lambda: tokens.current,
+        session=http,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _RpcLink:
+    """The engine's channel link with `send` (snapshot:request) going through the RPC."""
+
+    sub: Subscription
+    reporter: Upstream
+
+    async def send(self, event: str, payload: dict[str, Any]) -> None:
+        await self.reporter.send(event, payload)
+
+    def rejoin(self, since_ms: int) -> None:
+        self.sub.rejoin(since_ms)
+
+    def set_replay_since(self, ms: int, *, rejoin: bool = False) -> None:
+        self.sub.set_replay_since(ms, rejoin=rejoin)
 
 
 def _upstream(

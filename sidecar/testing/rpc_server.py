@@ -15,6 +15,11 @@ Functions, all `POST /rest/v1/rpc/<name>` with a JSON object of named arguments 
   same conflict rule. Deleting what is already gone is an idempotent no-op.
 - `list_current_files(project_uuid)`: the live rows, with their content.
 - `get_project_file(project_uuid, p_file_path)`: one row (tombstones too), or null.
+- `report_local_change(project_uuid, payload)`: a container's local-change report, re-broadcast
+  as `file:local-change` with the token's `sender` (no seq); a read-only token may call it.
+- `request_snapshot(project_uuid, p_reason, p_last_seq)`: recorded in `snapshot_requests` and
+  re-broadcast as `snapshot:request` (the real database notifies its snapshot worker instead),
+  so the test Producer answers it with `snapshot:ready`; returns `{request_id}`.
 
 Auth is Supabase's: an `apikey` header (the anon key, or any JWT signed with the server's secret)
 and `Authorization: Bearer <JWT>` verified with HS256. A token may only touch the project named by
@@ -86,6 +91,8 @@ _SIGNATURES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     ),
     "list_current_files": (frozenset({"project_uuid"}), frozenset()),
     "get_project_file": (frozenset({"project_uuid", "p_file_path"}), frozenset()),
+    "report_local_change": (frozenset({"project_uuid", "payload"}), frozenset()),
+    "request_snapshot": (frozenset({"project_uuid"}), frozenset({"p_reason", "p_last_seq"})),
 }
 _WRITES = frozenset({"upsert_project_file", "delete_project_file"})
 
@@ -235,6 +242,8 @@ class RpcServer(LoopbackServer):
         self.faults = RpcFaults()
         self.calls: list[tuple[str, int]] = []  # (function, status) for assertions
         self.history: list[Revision] = []
+        self.snapshot_requests: list[dict[str, Any]] = []  # rpc/request_snapshot calls
+        self._request_id = 0
         self._rows: dict[str, dict[str, Row]] = {}
         self._seq: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -512,6 +521,15 @@ class RpcServer(LoopbackServer):
             seq=seq,
         )
 
+    async def _send_db(self, project_id: str, event: str, payload: dict[str, Any]) -> None:
+        topic = f"project:{project_id}"
+        for listener in list(self._listeners):
+            listener(topic, event, dict(payload))
+        if self.realtime is not None:
+            result = self.realtime.send_db(topic, event, payload, private=self.private)
+            if inspect.isawaitable(result):
+                await result
+
     # -- HTTP --
 
     async def _handle_rpc(self, request: web.Request) -> web.StreamResponse:
@@ -570,6 +588,25 @@ class RpcServer(LoopbackServer):
             expected = _version_arg(args.get("expected_version"))
             version = await self._delete(project, path, expected, sender)
             return {"file_path": path, "version": version, "deleted": True}
+        if name == "report_local_change":
+            report = args.get("payload")
+            if not isinstance(report, dict):
+                raise _RpcError(400, "22023", "payload must be a JSON object")
+            # No seq: it changes no file (DB_INTERFACE: re-broadcast with the token's sender).
+            await self._send_db(project, "file:local-change", {**report, "sender": sender})
+            return None
+        if name == "request_snapshot":
+            self._request_id += 1
+            request = {
+                "request_id": self._request_id,
+                "session_id": sender,
+                "reason": args.get("p_reason"),
+                "last_seq": args.get("p_last_seq"),
+            }
+            self.snapshot_requests.append(request)
+            # The worker hears of it as a pg_notify; here, as the event it used to get.
+            await self._send_db(project, "snapshot:request", dict(request))
+            return {"request_id": self._request_id}
         if name == "list_current_files":
             return [
                 _row_json(p, r)

@@ -213,6 +213,34 @@ class Upstream:
         files = [_remote(item) for item in result]
         return {f.path: f for f in files}
 
+    async def report_local_change(self, payload: Mapping[str, Any]) -> None:
+        """`file:local-change` through the database (rpc/report_local_change), which
+        re-broadcasts it with the token's sender: the container never writes on the channel."""
+        await self._call(
+            "report_local_change", {"project_uuid": self.project_id, "payload": dict(payload)}
+        )
+
+    async def request_snapshot(self, reason: str | None, last_seq: int | None) -> Any:
+        """`snapshot:request` through the database (rpc/request_snapshot); the snapshot worker
+        answers with `snapshot:ready` on the channel. Returns `{request_id}`."""
+        return await self._call(
+            "request_snapshot",
+            {"project_uuid": self.project_id, "p_reason": reason, "p_last_seq": last_seq},
+        )
+
+    async def send(self, event: str, payload: dict[str, Any]) -> None:
+        """What the sidecar used to broadcast on the channel, as RPCs (same signature as
+        Subscription.send). `file:conflict` goes as a local-change report marked `conflict`."""
+        if event == "snapshot:request":
+            seq = payload.get("last_seq")
+            await self.request_snapshot(
+                payload.get("reason"), seq if isinstance(seq, int) else None
+            )
+        elif event == "file:conflict":
+            await self.report_local_change({**payload, "conflict": True})
+        else:
+            await self.report_local_change(payload)
+
     # -- plumbing --
 
     async def _write(

@@ -167,3 +167,46 @@ async def test_token_file_rotated_to_service_role_keeps_the_preview_up(tmp_path:
         await sc.wait_tree(stack.files, timeout=10)
         assert sc.proc.returncode is None
         assert bad not in sc.log_text()
+
+
+async def test_two_way_sync_with_a_token_that_cannot_write_on_the_channel(
+    tmp_path: Path,
+) -> None:
+    """Every container token is read-only on the channel (the policy): local changes are still
+    pushed and reported (rpc/report_local_change, re-broadcast by the database with meta.id), and
+    a gap beyond replay still converges through rpc/request_snapshot; the sidecar never
+    broadcasts on the channel itself."""
+    async with Stack() as stack:
+        stack.rt.policy = lambda claims, _topic: Policy(read=True, write=False)
+        async with running_sidecar(
+            stack,
+            tmp_path,
+            upstream=True,
+            env_overrides={"SIDECAR_LOCAL_CHANGES": "true"},
+        ) as sc:
+            await sc.wait_log("watcher.ready")
+            (sc.project_dir / "local.txt").write_bytes(b"made in the container\n")
+            await sc.wait(lambda: stack.rpc.head(stack.project, "local.txt"), "local push")
+
+            def reported() -> bool:
+                return any(
+                    m.event == "file:local-change"
+                    and (m.payload or {}).get("sender") == "e2e"
+                    and (m.payload or {}).get("path", (m.payload or {}).get("file_path"))
+                    == "local.txt"
+                    for m in stack.rt.messages
+                )
+
+            await sc.wait(reported, "file:local-change re-broadcast by the database")
+            rt, p = stack.rt, stack.project
+            rt.knobs.replication_up = False  # stored for replay, not delivered live
+            for i in range(30):
+                await stack.rpc.editor_upsert(p, f"gap/f{i:02d}.txt", f"missed {i}\n".encode())
+            rt.knobs.replication_up = None
+            await stack.rpc.editor_upsert(p, "gap/last.txt", b"seen live\n")
+            await sc.wait_tree(stack.files, timeout=30)
+            assert stack.rpc.snapshot_requests, "no rpc/request_snapshot"
+            assert stack.rpc.snapshot_requests[0]["reason"] == "seq_gap"
+            assert stack.rpc.snapshot_requests[0]["session_id"] == "e2e"
+            assert stack.rt.counters.client_broadcasts == 0
+            assert not sc.events("localsync.broadcast_failed")

@@ -277,3 +277,39 @@ async def test_editor_bulk_broadcasts_one_unit(tmp_path) -> None:
             ("update", "a.txt"),
             ("delete", "gone.txt"),
         ]
+
+
+async def test_report_local_change_and_request_snapshot(
+    rpc: RpcServer, http: aiohttp.ClientSession
+) -> None:
+    """A read-only container token may report a local change and request a snapshot: each is
+    re-broadcast like the database would (sender from the token, no seq), the request recorded
+    and answered with its id; another project's token is refused."""
+    seen: list[tuple[str, str, dict[str, Any]]] = []
+    rpc.add_listener(lambda topic, event, payload: seen.append((topic, event, payload)))
+    ro = rpc.make_token(PROJECT, read_only=True, session_id="box-1")
+    report = {"path": "a.txt", "sha256": "0" * 64, "diff": "+x"}
+    status, body = await call(
+        http, rpc, "report_local_change", {"project_uuid": PROJECT, "payload": report}, token=ro
+    )
+    assert (status, body) == (200, None)
+    status, body = await call(
+        http,
+        rpc,
+        "request_snapshot",
+        {"project_uuid": PROJECT, "p_reason": "seq_gap", "p_last_seq": 7},
+        token=ro,
+    )
+    assert (status, body) == (200, {"request_id": 1})
+    assert seen == [
+        ("project:p1", "file:local-change", {**report, "sender": "box-1"}),
+        (
+            "project:p1",
+            "snapshot:request",
+            {"request_id": 1, "session_id": "box-1", "reason": "seq_gap", "last_seq": 7},
+        ),
+    ]
+    assert rpc.seq(PROJECT) == 0
+    other = rpc.make_token("p2")
+    status, _ = await call(http, rpc, "request_snapshot", {"project_uuid": PROJECT}, token=other)
+    assert status == 403
