@@ -27,6 +27,7 @@ import structlog
 from sidecar.errors import ChildStartError, ExitCode
 from sidecar.metrics import Metrics
 from sidecar.process.identity import ChildUser
+from sidecar.retry import backoff_delay
 
 __all__ = [
     "FORWARDED_SIGNALS",
@@ -392,8 +393,7 @@ class Supervisor:
         (grace, then SIGKILL) before the CancelledError propagates.
         """
         loop = asyncio.get_running_loop()
-        delay = self.backoff_initial
-        attempts = 0
+        attempts = 0  # restarts in a row after exits on its own; reset by a stable run
         try:
             while True:
                 child = self._factory()
@@ -411,17 +411,19 @@ class Supervisor:
                     return status
                 if self._restart_requested:
                     self._restart_requested = False
-                    delay, attempts = self.backoff_initial, 0
+                    attempts = 0
                     self._count_restart(status, reason="requested")
                     continue
                 if not self.restart_on_exit:
                     return status
                 if loop.time() - started >= self.stable_after:
-                    delay, attempts = self.backoff_initial, 0
+                    attempts = 0
                 if self.max_restarts is not None and attempts >= self.max_restarts:
                     log.error("child.restart_limit", exit_code=status, restarts=attempts)
                     return status
                 attempts += 1
+                # No jitter: one local process, nothing to spread out.
+                delay = backoff_delay(attempts, self.backoff_initial, self.backoff_max, floor=1.0)
                 log.warning(
                     "child.restart_scheduled", exit_code=status, attempt=attempts, wait_for=delay
                 )
@@ -432,7 +434,6 @@ class Supervisor:
                 if self._stop_requested():
                     return status
                 self._restart_requested = False
-                delay = min(delay * 2, self.backoff_max)
                 self._count_restart(status, reason="exited")
         finally:
             if self._child is not None and self._child.pid is not None:

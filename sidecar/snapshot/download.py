@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import json
 import os
-import random
 import re
 import time
 from collections.abc import Callable
@@ -27,11 +26,12 @@ import structlog
 from sidecar.config import SnapshotSettings
 from sidecar.errors import SnapshotExpiredError, SnapshotInvalidError, SnapshotUnavailableError
 from sidecar.redact import redact, redact_url
+from sidecar.retry import backoff_delay
 
 if TYPE_CHECKING:
     from sidecar.metrics import Metrics
 
-__all__ = ["ChunkSink", "DownloadResult", "backoff_delay", "download"]
+__all__ = ["ChunkSink", "DownloadResult", "download"]
 
 log = structlog.get_logger(component="snapshot")
 
@@ -70,13 +70,6 @@ class _RetryableError(Exception):
     def __init__(self, reason: str, retry_after: float | None = None) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
-
-
-def backoff_delay(attempt: int, initial: float, maximum: float, *, floor: float = 0.0) -> float:
-    """Exponential backoff with jitter: uniform in [floor * cap, cap], where
-    cap = min(maximum, initial * 2**(attempt-1)); the default floor 0 is full jitter."""
-    cap = min(maximum, initial * (2 ** max(0, attempt - 1)))
-    return random.uniform(floor * cap, cap)  # jitter, not cryptography
 
 
 async def download(

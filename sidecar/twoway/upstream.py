@@ -24,7 +24,7 @@ import structlog
 
 from sidecar.config import Settings
 from sidecar.errors import ConfigError, SidecarError
-from sidecar.snapshot.download import backoff_delay
+from sidecar.retry import backoff_delay
 from sidecar.twoway.merge import is_text
 
 __all__ = ["ConflictError", "RemoteFile", "Upstream", "UpstreamError"]

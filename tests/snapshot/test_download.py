@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from sidecar.config import SnapshotSettings
 from sidecar.errors import SnapshotExpiredError, SnapshotInvalidError, SnapshotUnavailableError
 from sidecar.metrics import Metrics
-from sidecar.snapshot.download import backoff_delay, download
+from sidecar.snapshot.download import download
 from sidecar.testing.snapshot_server import ServedRequest, SnapshotServer
 
 DATA = random.Random(7).randbytes(3 * 1024 * 1024 + 17)
@@ -242,22 +242,6 @@ async def test_sha256_mismatch_is_invalid(
             settings=fast_snapshot_settings,
             expected_sha256="0" * 64,
         )
-
-
-def test_backoff_is_capped_full_jitter() -> None:
-    """Delays are uniform in [0, min(max, initial*2**(n-1))]."""
-    rng_samples = [backoff_delay(n, 0.25, 10.0) for n in range(1, 12) for _ in range(50)]
-    assert all(0 <= d <= 10.0 for d in rng_samples)
-    assert all(backoff_delay(1, 0.25, 10.0) <= 0.25 for _ in range(100))
-    assert max(backoff_delay(10, 0.25, 10.0) for _ in range(200)) > 5.0
-
-
-def test_backoff_floor_keeps_a_share_of_the_step() -> None:
-    """With floor=0.5 (the upstream RPC retries) every delay is between half and all of the
-    capped step."""
-    for n, cap in ((1, 0.25), (3, 1.0), (12, 10.0)):
-        samples = [backoff_delay(n, 0.25, 10.0, floor=0.5) for _ in range(200)]
-        assert all(cap / 2 <= d <= cap for d in samples), (n, min(samples), max(samples))
 
 
 async def test_file_url(tmp_path: Path, fast_snapshot_settings: SnapshotSettings) -> None:
