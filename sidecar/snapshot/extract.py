@@ -123,13 +123,24 @@ class _Sink:
         self.write = write
 
 
+def window_error(window: int | None) -> SnapshotInvalidError:
+    """The refusal of a zstd frame whose window is over MAX_WINDOW_BYTES (`zstd --long`)."""
+    size = f"a {window / 1048576:,.0f} MiB" if window else "a larger"
+    return SnapshotInvalidError(
+        f"unsupported snapshot: its zstd frames need {size} window, over the "
+        f"{MAX_WINDOW_BYTES >> 20} MiB limit that bounds the sidecar's memory (compressed with "
+        "--long or --ultra); recompress it without --long: "
+        "zstd -d --long=31 -c in.tar.zst | zstd -c > out.tar.zst"
+    )
+
+
 class _Frames:
     """Follows zstd frame boundaries in the compressed bytes, so a truncated stream is caught.
 
     python-zstandard's streaming decoders do not say whether the last frame was complete.
     """
 
-    _MAGIC, _FHD, _BLOCK_HDR, _SKIP_SIZE = range(4)
+    _MAGIC, _FHD, _BLOCK_HDR, _SKIP_SIZE, _WINDOW = range(5)
 
     def __init__(self) -> None:
         self.frames = 0
@@ -140,6 +151,7 @@ class _Frames:
         self._after_skip = self._MAGIC  # field expected once the skip ends
         self._checksum = False
         self._last = False
+        self._rest = 0  # frame header bytes after the window descriptor
 
     @property
     def at_boundary(self) -> bool:
@@ -200,9 +212,21 @@ class _Frames:
                 )
             single = bool(fhd & 0x20)
             fcs = (0 if not single else 1, 2, 4, 8)[fhd >> 6]
-            rest = (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + fcs
             self._checksum = bool(fhd & 0x04)
-            self._skip_then(rest, self._BLOCK_HDR)
+            self._rest = (0, 1, 2, 4)[fhd & 3] + fcs  # dictionary id, content size
+            if single:
+                self._skip_then(self._rest, self._BLOCK_HDR)
+            else:
+                self._expect(self._WINDOW, 1)
+        elif f == self._WINDOW:
+            # Checked here, before the decoder sees the frame, to name the cause: python-zstandard
+            # only says "Frame requires too much memory for decoding".
+            exponent, mantissa = raw[0] >> 3, raw[0] & 7
+            base = 1 << (10 + exponent)
+            window = base + (base >> 3) * mantissa
+            if window > MAX_WINDOW_BYTES:
+                raise window_error(window)
+            self._skip_then(self._rest, self._BLOCK_HDR)
         elif f == self._BLOCK_HDR:
             hdr = int.from_bytes(raw, "little")
             last, btype, size = hdr & 1, (hdr >> 1) & 3, hdr >> 3
@@ -473,6 +497,8 @@ class SnapshotWriter:
             self._zw.write(mv)
         except zstandard.ZstdError as exc:
             self._fail(exc)
+            if "too much memory" in str(exc):  # a single-segment frame (window = its size)
+                raise window_error(None) from None
             raise SnapshotInvalidError(f"corrupt snapshot: {exc}") from None
         except BaseException as exc:
             self._fail(exc)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from sidecar.config import Limits
 from sidecar.errors import SnapshotInvalidError
@@ -143,3 +144,36 @@ def test_root_directory_member_before_the_manifest_and_twice(
     assert (project / "d" / "b.txt").read_bytes() == b"b"
     with pytest.raises(SnapshotInvalidError, match="duplicate"):
         _hydrate(project, zst(root + snap.manifest_member() + root + snap.members() + EOA), state)
+
+
+@pytest.mark.parametrize("how", ["python-zstandard", "zstd-cli"])
+def test_long_window_snapshot_names_the_limit_and_the_fix(
+    tmp_path: Path, state: StateStore, how: str
+) -> None:
+    """A `zstd --long` snapshot (128 MiB window) is refused as unsupported, not as corrupt: the
+    reason names the window, the 16 MiB limit and how to recompress it."""
+    raw = Snap(files={"a.txt": b"a" * 100_000}).tar()
+    if how == "zstd-cli":
+        if ZSTD is None:
+            pytest.skip("no zstd")
+        # From a pipe (size unknown) zstd keeps the full --long=27 window.
+        blob = subprocess.run(
+            [ZSTD, "--long=27", "-q", "-c"], input=raw, capture_output=True, check=True
+        ).stdout
+    else:
+        params = zstandard.ZstdCompressionParameters.from_level(3, window_log=27, enable_ldm=True)
+        buf = io.BytesIO()
+        with zstandard.ZstdCompressor(compression_params=params).stream_writer(
+            buf, closefd=False
+        ) as w:
+            w.write(raw)
+        blob = buf.getvalue()
+    project = tmp_path / "project"
+    with pytest.raises(SnapshotInvalidError) as err:
+        _hydrate(project, blob, state)
+    reason = str(err.value)
+    assert "corrupt" not in reason
+    assert "128 MiB window" in reason
+    assert "16 MiB limit" in reason
+    assert "without --long" in reason
+    assert sorted(p.name for p in project.iterdir()) == [".sidecar"]
