@@ -48,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--project-id", default=None)
     build.add_argument("--snapshot-id", default=None)
     build.add_argument("--seq", type=int, default=None)
+    build.add_argument(
+        "--created-at",
+        default=None,
+        metavar="MS|ISO8601",
+        help="the snapshot's created_at (ms since 1970 or an ISO 8601 time) and every member's "
+        "mtime; default SOURCE_DATE_EPOCH if set, else now. Fixed: byte-for-byte reproducible",
+    )
     build.add_argument("--level", type=int, default=3, help="zstd level (default 3)")
     db = sub.add_parser("db", help="the database side (SQL migration)")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -179,14 +186,16 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         return await app.sync_only(settings)
     if args.command == "snapshot" and args.snapshot_command == "build":
-        from sidecar.snapshot.build import build_snapshot
+        from sidecar.snapshot.build import build_snapshot, parse_created_at
 
+        created_at = None if args.created_at is None else parse_created_at(args.created_at)
         manifest = await asyncio.to_thread(
             build_snapshot,
             args.dir,
             args.output,
             project_id=args.project_id or settings.project_id,
             snapshot_id=args.snapshot_id,
+            created_at=created_at,
             seq=args.seq,
             level=args.level,
         )

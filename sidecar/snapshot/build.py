@@ -15,22 +15,24 @@ import tarfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
 
 import structlog
 import zstandard
 
-from sidecar.errors import SnapshotInvalidError, UnsafePathError
+from sidecar.errors import ConfigError, SnapshotInvalidError, UnsafePathError
 from sidecar.snapshot.extract import check_symlink_chains
 from sidecar.snapshot.manifest import MANIFEST_NAME, FileEntry, Manifest, check_link_target
 from sidecar.tree.paths import STATE_DIR_NAME, check_rel_path
 
-__all__ = ["build_snapshot"]
+__all__ = ["build_snapshot", "parse_created_at", "source_date_epoch_ms"]
 
 log = structlog.get_logger(component="snapshot_build")
 
 _COPY_CHUNK = 1 << 20
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,14 +55,18 @@ def build_snapshot(
 ) -> Manifest:
     """Write `src_dir` as a format-1 snapshot to `out` (a path, written atomically, or a stream).
 
-    `created_at` (ms epoch) defaults to now and sets every member's mtime; pass it (and
-    `snapshot_id`, which defaults to a hash of the content) for reproducible bytes. `versions`
+    `created_at` (ms epoch) sets every member's mtime; it defaults to `SOURCE_DATE_EPOCH`
+    (seconds, https://reproducible-builds.org/specs/source-date-epoch/) when that is set, else
+    to now. `snapshot_id` defaults to a hash of the manifest (files, ids, created_at, seq), so a
+    fixed created_at gives byte-for-byte the same output for the same tree. `versions`
     maps paths to `project_files.version` (default 0). The `.sidecar` dir is skipped. Raises
     UnsafePathError for a name or symlink the format cannot carry (a symlink leaving the tree,
     a backslash or non-UTF-8 name) and SnapshotInvalidError for special files or a file that
     changes while it is read.
     """
     src = Path(src_dir)
+    if created_at is None:
+        created_at = source_date_epoch_ms(os.environ)
     if created_at is None:
         created_at = int(time.time() * 1000)
     versions = versions or {}
@@ -109,6 +115,32 @@ def build_snapshot(
         "snapshot_build.done", snapshot_id=snapshot_id, files=len(files), bytes=manifest.total_bytes
     )
     return manifest
+
+
+def source_date_epoch_ms(environ: Mapping[str, str]) -> int | None:
+    """SOURCE_DATE_EPOCH (integer seconds) as ms, None when unset; ConfigError when malformed."""
+    raw = environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise ConfigError(f"SOURCE_DATE_EPOCH must be integer seconds since 1970, got {raw[:40]!r}")
+    return int(raw) * 1000
+
+
+def parse_created_at(text: str) -> int:
+    """`--created-at`: ms since the epoch, or an ISO 8601 time (UTC unless it has an offset)."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(
+            f"--created-at must be ms since 1970 or an ISO 8601 time, got {text[:40]!r}"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return (when - _EPOCH) // timedelta(milliseconds=1)  # exact, unlike float seconds * 1000
 
 
 def _utf8(name: str, rel: str) -> bytes:

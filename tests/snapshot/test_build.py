@@ -6,14 +6,16 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 import zstandard
 
-from sidecar.errors import SnapshotInvalidError, UnsafePathError
-from sidecar.snapshot.build import build_snapshot
+from sidecar.errors import ConfigError, SnapshotInvalidError, UnsafePathError
+from sidecar.snapshot.build import build_snapshot, parse_created_at, source_date_epoch_ms
 from sidecar.snapshot.manifest import Manifest
 
 CREATED = 1_700_000_123_456
@@ -149,3 +151,72 @@ def test_sidecar_dir_is_skipped_only_at_top_level(tmp_path: Path) -> None:
     m = build_snapshot(src, io.BytesIO(), project_id="p", created_at=CREATED)
     assert "b/.sidecar/x" in m.files
     assert not any(p.startswith(".sidecar") for p in m.files)
+
+
+def _manifest_bytes(blob: bytes) -> bytes:
+    raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob)).read()
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tf:
+        f = tf.extractfile(".snapshot.json")
+        assert f is not None
+        return f.read()
+
+
+def _cli_build(src: Path, out: Path, *args: str, env: dict[str, str] | None = None) -> bytes:
+    environ = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "snapshot", "build", str(src), "-o", str(out), *args],
+        env={**environ, "PROJECT_ID": "p", "LOG_LEVEL": "error", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out.read_bytes()
+
+
+def test_cli_builds_with_created_at_or_source_date_epoch_are_byte_for_byte_equal(
+    tmp_path: Path,
+) -> None:
+    """Two `sidecar snapshot build` runs of one tree with the same --created-at (or
+    SOURCE_DATE_EPOCH) give the same bytes, though mtimes changed in between; the snapshot_id
+    is derived from the content, and --created-at wins over SOURCE_DATE_EPOCH."""
+    src = make_tree(tmp_path)
+    a = _cli_build(src, tmp_path / "a.tar.zst", "--created-at", str(CREATED))
+    os.utime(src / "a.txt", (5, 5))
+    b = _cli_build(src, tmp_path / "b.tar.zst", "--created-at", str(CREATED))
+    assert a == b
+    iso = _cli_build(src, tmp_path / "iso.tar.zst", "--created-at", "2023-11-14T22:15:23.456Z")
+    assert iso == a  # the same instant as CREATED
+    epoch = {"SOURCE_DATE_EPOCH": str(CREATED // 1000)}
+    c = _cli_build(src, tmp_path / "c.tar.zst", env=epoch)
+    d = _cli_build(src, tmp_path / "d.tar.zst", env=epoch)
+    whole = _cli_build(src, tmp_path / "w.tar.zst", "--created-at", str(CREATED // 1000 * 1000))
+    assert c == d == whole
+    e = _cli_build(src, tmp_path / "e.tar.zst", "--created-at", str(CREATED + 1000), env=epoch)
+    assert e != a
+    manifests = [json.loads(_manifest_bytes(x)) for x in (a, e)]
+    assert manifests[0]["created_at"] == CREATED
+    assert manifests[1]["created_at"] == CREATED + 1000
+    assert manifests[0]["snapshot_id"] != manifests[1]["snapshot_id"]
+    assert manifests[0]["snapshot_id"].startswith("sha256-")
+
+
+def test_malformed_source_date_epoch_or_created_at_is_a_config_error(tmp_path: Path) -> None:
+    src = make_tree(tmp_path)
+    with pytest.raises(ConfigError, match="SOURCE_DATE_EPOCH"):
+        source_date_epoch_ms({"SOURCE_DATE_EPOCH": "yesterday"})
+    with pytest.raises(ConfigError, match="--created-at"):
+        parse_created_at("soon")
+    assert parse_created_at("1970-01-01T00:00:01") == 1000
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "snapshot", "build", str(src), "-o", str(tmp_path / "x")],
+        env={**os.environ, "PROJECT_ID": "p", "SOURCE_DATE_EPOCH": "-1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 78, proc.stderr
+    assert "SOURCE_DATE_EPOCH" in proc.stderr
+    assert not (tmp_path / "x").exists()
