@@ -44,6 +44,7 @@ from sidecar.tree.state import FileState, StateStore
 
 __all__ = [
     "META_DIRS",
+    "ManifestInPlaceError",
     "PublishResult",
     "SnapshotWriter",
     "check_symlink_chains",
@@ -99,6 +100,11 @@ def check_symlink_chains(links: Mapping[str, str]) -> None:
 def new_staging_dir(state_dir: Path) -> Path:
     """A fresh, not yet existing `state_dir/staging-<random>` path for one SnapshotWriter."""
     return state_dir / f"staging-{os.urandom(6).hex()}"
+
+
+class ManifestInPlaceError(Exception):
+    """The manifest is byte for byte `known_manifest_sha256` (the tree in place): the writer
+    stops there, so that the caller can verify the tree instead of downloading it again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,7 +396,9 @@ class SnapshotWriter:
     enforces `limits` from the manifest before any file body is written, and bounds the
     decompressed bytes by what the manifest declares. Files that `state` says already hold the
     right bytes (and whose size on disk matches) are hashed but not rewritten, unless listed in
-    `damaged`. `feed`/`finish` raise SnapshotInvalidError (UnsafePathError for paths) or
+    `damaged`. With `known_manifest_sha256` (the manifest of the tree in place), a manifest that
+    is byte for byte that one raises ManifestInPlaceError from `feed` (the caller verifies the
+    tree instead of downloading it again). `feed`/`finish` raise SnapshotInvalidError (UnsafePathError for paths) or
     QuotaExceededError; after an error the writer is dead and `abort()` removes staging.
     Usable as a context manager: leaving the block without `publish()` aborts.
 
@@ -412,6 +420,7 @@ class SnapshotWriter:
         project_id: str | None = None,
         damaged: Collection[str] = (),
         write_thread: bool = True,
+        known_manifest_sha256: str | None = None,
     ) -> None:
         self.project_dir = Path(project_dir)
         self.staging_dir = Path(staging_dir)
@@ -424,6 +433,7 @@ class SnapshotWriter:
         self._expected_sha = expected_sha256.lower() if expected_sha256 else None
         self._project_id = project_id
         self._damaged = frozenset(damaged)
+        self._known_manifest = known_manifest_sha256
         self._sha_in = hashlib.sha256() if expected_sha256 else None
         self._error: BaseException | None = None
         self._finished = False
@@ -699,6 +709,8 @@ class SnapshotWriter:
 
     def _set_manifest(self, raw: bytearray) -> None:
         self._manifest_sha = hashlib.sha256(raw).hexdigest()
+        if self._manifest_sha == self._known_manifest:
+            raise ManifestInPlaceError(self._manifest_sha)
         text = decode_manifest(raw)
         raw.clear()  # release the bytes before the entries are built (lower peak memory)
         manifest = Manifest.parse(text)

@@ -1,33 +1,33 @@
 """Hydration: make PROJECT_DIR the snapshot's tree, streaming download -> zstd -> tar -> staging.
 
-The download runs in the event loop; chunks cross a bounded queue to one worker thread that owns
-the SnapshotWriter (it decompresses and parses, and its own helper thread hashes and writes to
-staging; then it publishes), so network, CPU and disk overlap while memory stays bounded (about
-1 MiB of compressed chunks queued here, 1 MiB of decompressed ones in the writer, the zstd
-window (2 MiB at level 3, at most 16 MiB), and the manifest). A restart with the same snapshot
-already in place verifies the tree instead of downloading it again.
+One worker thread downloads (stdlib http.client) and feeds the SnapshotWriter directly (it
+decompresses and parses, and its own helper thread hashes and writes to staging; then it
+publishes), so network, CPU and disk overlap while memory stays bounded (one 256 KiB chunk in
+hand, the kernel's socket buffer, 1 MiB of decompressed chunks in the writer, the zstd window
+(2 MiB at level 3, at most 16 MiB), and the manifest). No asyncio web stack is involved.
+
+Whether the snapshot at a URL is the tree already in place is decided by what identifies its
+content, never by the URL path alone: the `snapshot_id` a snapshot:ready event names, or
+SNAPSHOT_SHA256, or else the server (a conditional GET with the ETag / Last-Modified recorded
+when the tree was published: 304 means unchanged) and, failing that, the manifest at the start
+of the body (byte-equal to the one in place: the download stops there). Then the tree is
+verified instead of downloaded, and only damaged files are fetched again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import gc
-import hashlib
-import queue
 import shutil
 import stat
-import threading
 import time
 import weakref
 from collections.abc import Callable
-from enum import Enum
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import structlog
 
 from sidecar.config import Settings
@@ -41,25 +41,34 @@ from sidecar.errors import (
     environment_fault,
 )
 from sidecar.redact import redact, redact_url
-from sidecar.snapshot.download import download
-from sidecar.snapshot.extract import PublishResult, SnapshotWriter, new_staging_dir, verify_tree
+from sidecar.snapshot.download import DownloadResult, StopFlag, fetch, run_in_thread
+from sidecar.snapshot.extract import (
+    ManifestInPlaceError,
+    PublishResult,
+    SnapshotWriter,
+    new_staging_dir,
+    verify_tree,
+)
 from sidecar.snapshot.manifest import FileEntry, Manifest
 from sidecar.snapshot.progress import Progress
 from sidecar.tree.preflight import check_dirs
 from sidecar.tree.state import StateStore
 
-if TYPE_CHECKING:  # prometheus_client is not needed by the one-shot `sidecar hydrate`
+if TYPE_CHECKING:  # prometheus_client and aiohttp are not needed by `sidecar hydrate`
+    import aiohttp
+
     from sidecar.metrics import Metrics
 
-__all__ = ["META_MANIFEST", "META_SOURCE", "hydrate", "hydrate_once", "snapshot_source"]
+__all__ = ["META_MANIFEST", "META_SOURCE", "hydrate", "hydrate_once", "snapshot_object"]
 
 log = structlog.get_logger(component="snapshot")
 _cli_log = structlog.get_logger(component="sidecar")  # the line app.hydrate_once used to log
 
-META_SOURCE = "hydrate.source"  # sha256 of the URL without its query + SNAPSHOT_SHA256
+# Where the tree in place came from: {"object": snapshot_object(url), "sha256": SNAPSHOT_SHA256 or
+# None, "etag", "last_modified": the server's validators}; recorded with the tree it describes.
+META_SOURCE = "hydrate.source"
 META_MANIFEST = "hydrate.manifest"  # the published manifest's header (ids, created_at, seq)
-QUEUE_SLOTS = 4  # chunks in flight between the download and the worker thread
-CHUNK_SIZE = 256 * 1024  # upper bound per chunk: at most 1 MiB queued
+CHUNK_SIZE = 256 * 1024  # upper bound per read from the network
 
 # One hydration per project dir at a time (a resync must not race a running hydration, and a
 # new one must not remove the staging dir of one in progress). Entries vanish when unused.
@@ -89,11 +98,13 @@ async def hydrate_once(settings: Settings) -> int:
     return 0
 
 
-def snapshot_source(url: str, sha256: str | None) -> str:
-    """A stable id for "this snapshot": the URL without its query (which rotates) + its sha256."""
+def snapshot_object(url: str) -> str:
+    """The object a URL names: without credentials and query (a signed URL's token rotates).
+
+    It says *where* a snapshot is, not *which* one: a producer may upsert new bytes there.
+    """
     parts = urlsplit(url)
-    key = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}\n{sha256 or ''}"
-    return hashlib.sha256(key.encode()).hexdigest()
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 async def hydrate(
@@ -109,11 +120,12 @@ async def hydrate(
 ) -> Manifest:
     """Make settings.project_dir hold the snapshot at url (default SNAPSHOT_URL); return its manifest.
 
-    If the state says this snapshot (same URL path and sha256, and `snapshot_id` when given, as
-    from a snapshot:ready event) is in place and the tree verifies, nothing is downloaded.
-    Otherwise the snapshot is streamed, checked and published, rewriting only files that differ
-    (and those verification found damaged). Hydrations of one project dir run one at a time.
-    A progress line is drawn on stderr when it is a TTY. `metrics` may be None (no counters).
+    If the snapshot at url is the tree in place (see the module docstring for how that is
+    decided) and the tree verifies, nothing is downloaded. Otherwise the snapshot is streamed,
+    checked and published, rewriting only files that differ (and those verification found
+    damaged). Hydrations of one project dir run one at a time. A progress line is drawn on
+    stderr when it is a TTY. `metrics` may be None (no counters). `session` is not used (the
+    download has its own connection); it stays for callers that pass one.
 
     Raises:
         ConfigError: no URL.
@@ -130,7 +142,7 @@ async def hydrate(
     if lock is None:
         lock = _locks[key] = asyncio.Lock()
     async with lock:
-        return await _hydrate(settings, state, metrics, url, sha256, session, progress, snapshot_id)
+        return await _hydrate(settings, state, metrics, url, sha256, progress, snapshot_id)
 
 
 async def _hydrate(
@@ -139,35 +151,25 @@ async def _hydrate(
     metrics: Metrics | None,
     url: str,
     sha256: str | None,
-    session: aiohttp.ClientSession | None,
     progress: Progress | None,
     snapshot_id: str | None,
 ) -> Manifest:
     sha256 = (sha256 or settings.snapshot.sha256 or "").lower() or None
-    source = snapshot_source(url, sha256)
     shown = redact_url(url)
     t0 = time.monotonic()
     log.info("snapshot.hydrate_started", url=shown, sha256=sha256)
     outcome = "error"
     failure: Exception | None = None
     try:
-        manifest, damaged = await _in_place(settings, state, source, snapshot_id)
-        stats: dict[str, Any]
-        if manifest is not None:
-            outcome, stats = "in_place", {"downloaded": 0}
-        else:
-            manifest, stats = await _download_and_publish(
-                settings,
-                state,
-                metrics,
-                url,
-                sha256,
-                session,
-                progress if progress is not None else Progress(),
-                damaged,
-            )
-            state.update(meta={META_SOURCE: source, META_MANIFEST: _header(manifest)})
-            outcome = "ok"
+        manifest, outcome, stats = await _converge(
+            settings,
+            state,
+            metrics,
+            url,
+            sha256,
+            snapshot_id,
+            progress if progress is not None else Progress(),
+        )
         if metrics is not None:
             metrics.hydration_bytes.inc(stats["downloaded"])
             metrics.hydration_files.inc(len(manifest.files))
@@ -209,6 +211,94 @@ async def _hydrate(
             metrics.inc(metrics.hydrations, outcome)
 
 
+@dataclass(frozen=True, slots=True)
+class _Unchanged:
+    """The server said the snapshot at the URL is the tree in place (304, or its manifest)."""
+
+    why: str  # "not_modified" | "same_manifest"
+    transferred: int
+    etag: str | None
+    last_modified: str | None
+
+
+async def _converge(
+    settings: Settings,
+    state: StateStore,
+    metrics: Metrics | None,
+    url: str,
+    sha256: str | None,
+    snapshot_id: str | None,
+    progress: Progress,
+) -> tuple[Manifest, str, dict[str, Any]]:
+    """(manifest, outcome, stats): the tree verified in place, or downloaded and published."""
+    header = state.meta(META_MANIFEST)
+    placed = isinstance(header, dict)
+    placed_id = header.get("snapshot_id") if isinstance(header, dict) else None
+    recorded = state.meta(META_SOURCE)
+    rec: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
+    obj = snapshot_object(url)
+    # Something that names the content, when the caller has it; None: ask the server.
+    same: bool | None = None
+    if placed and snapshot_id is not None:
+        same = placed_id == snapshot_id
+    elif placed and sha256 is not None:
+        same = rec.get("sha256") == sha256
+    damaged: list[str] = []
+    if same:
+        manifest, damaged = await _verify_in_place(settings, state)
+        if manifest is not None:
+            return manifest, "in_place", {"downloaded": 0}
+    ask = placed and same is None
+    source = {"object": obj, "sha256": sha256}
+    got = await _download_and_publish(
+        settings,
+        state,
+        metrics,
+        url,
+        sha256,
+        progress,
+        damaged,
+        source,
+        etag=rec.get("etag") if ask and rec.get("object") == obj else None,
+        last_modified=rec.get("last_modified") if ask and rec.get("object") == obj else None,
+        known_manifest=_str_or_none(state.meta("manifest_sha256")) if ask else None,
+    )
+    if isinstance(got, _Unchanged):
+        manifest, damaged = await _verify_in_place(settings, state)
+        if manifest is not None:
+            validators = {"etag": got.etag, "last_modified": got.last_modified}
+            if got.etag or got.last_modified:  # a new object path with the same content
+                state.update(meta={META_SOURCE: {**source, **validators}})
+            stats = {"downloaded": got.transferred, "unchanged_by": got.why}
+            return manifest, "in_place", stats
+        got = await _download_and_publish(
+            settings, state, metrics, url, sha256, progress, damaged, source
+        )
+    assert not isinstance(got, _Unchanged)
+    manifest, published, result = got
+    progress.finish(
+        f"hydrated {len(manifest.files):,} files, "
+        f"{result.transferred / 1048576:.1f} MiB in {result.seconds:.1f}s"
+    )
+    return (
+        manifest,
+        "ok",
+        {
+            "downloaded": result.transferred,
+            "retries": result.retries,
+            "restarts": result.restarts,
+            "written": published.written,
+            "unchanged": published.unchanged,
+            "removed": published.removed,
+            "removed_dirs": published.removed_dirs,
+        },
+    )
+
+
+def _str_or_none(v: object) -> str | None:
+    return v if isinstance(v, str) else None
+
+
 def _outcome(exc: Exception) -> str:
     for kind, name in (
         (EnvironmentFaultError, "environment"),
@@ -232,15 +322,12 @@ def _header(m: Manifest) -> dict[str, Any]:
     }
 
 
-async def _in_place(
-    settings: Settings, state: StateStore, source: str, snapshot_id: str | None
+async def _verify_in_place(
+    settings: Settings, state: StateStore
 ) -> tuple[Manifest | None, list[str]]:
-    """(manifest, []) if the tree on disk is this snapshot's and verifies; else (None, damaged)."""
+    """(manifest, []) if the tree on disk is what the state records; else (None, damaged)."""
     header = state.meta(META_MANIFEST)
-    if state.meta(META_SOURCE) != source or not isinstance(header, dict):
-        return None, []
-    if snapshot_id is not None and header.get("snapshot_id") != snapshot_id:
-        return None, []  # same URL path, new content (a producer that overwrites its object)
+    assert isinstance(header, dict)
     damaged = await asyncio.to_thread(verify_tree, settings.project_dir, state)
     if damaged:
         log.warning("snapshot.tree_damaged", files=len(damaged), sample=sorted(damaged)[:10])
@@ -275,67 +362,113 @@ async def _download_and_publish(
     metrics: Metrics | None,
     url: str,
     sha256: str | None,
-    session: aiohttp.ClientSession | None,
     progress: Progress,
     damaged: list[str],
-) -> tuple[Manifest, dict[str, Any]]:
+    source: dict[str, Any],
+    *,
+    etag: str | None = None,
+    last_modified: str | None = None,
+    known_manifest: str | None = None,
+) -> tuple[Manifest, PublishResult, DownloadResult] | _Unchanged:
+    """Stream the snapshot into a writer and publish it, in one worker thread; or _Unchanged
+    when the conditional request got 304 or the manifest is `known_manifest` (stopped there)."""
     settings.project_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(settings.state_dir)
+    stop = StopFlag()
 
     def make_writer() -> SnapshotWriter:
-        # SNAPSHOT_SHA256 is checked by the download (on the event loop thread, in parallel with
-        # this worker), so the writer does not hash the compressed bytes a second time.
+        # SNAPSHOT_SHA256 is checked by the download, so the writer does not hash the compressed
+        # bytes a second time.
         return SnapshotWriter(
             settings.project_dir,
             new_staging_dir(settings.state_dir),
             settings.limits,
             state=state,
             damaged=damaged,
+            known_manifest_sha256=known_manifest,
         )
 
-    pipe = _Pipeline(make_writer, state, asyncio.get_running_loop())
-    totals: dict[str, int | None] = {"total": None}
+    def work() -> tuple[Manifest, PublishResult, DownloadResult] | _Unchanged:
+        sink = _WriterSink(make_writer, progress)
+        seen: dict[str, str | None] = {}
+        try:
+            result = fetch(
+                url,
+                sink,
+                settings=settings.snapshot,
+                metrics=metrics,
+                expected_sha256=sha256,
+                chunk_size=CHUNK_SIZE,
+                on_total=sink.set_total,
+                on_validators=lambda e, m: seen.update(etag=e, last_modified=m),
+                if_none_match=etag,
+                if_modified_since=None if etag else last_modified,
+                stop=stop,
+            )
+            if result.not_modified:
+                sink.writer.abort()
+                return _Unchanged("not_modified", 0, result.etag, result.last_modified)
+            manifest = sink.writer.finish()
+        except ManifestInPlaceError:
+            sink.writer.abort()
+            return _Unchanged(
+                "same_manifest", sink.downloaded, seen.get("etag"), seen.get("last_modified")
+            )
+        except BaseException:
+            sink.writer.abort()
+            raise
+        if stop.stopped:  # cancelled: nothing was published yet, so nothing will be
+            sink.writer.abort()
+            raise SnapshotUnavailableError("hydration stopped before publishing")
+        # Publishing is not interrupted: every rename is atomic, and the state records the tree
+        # (with where it came from) in one transaction once it is all in place.
+        validators = {"etag": result.etag, "last_modified": result.last_modified}
+        meta = {META_SOURCE: {**source, **validators}, META_MANIFEST: _header(manifest)}
+        try:
+            published = sink.writer.publish(state, meta)
+        except BaseException:
+            sink.writer.abort()
+            raise
+        return manifest, published, result
 
-    def on_chunk(downloaded: int) -> None:
-        writer = pipe.writer
-        m = writer.manifest if writer is not None else None
-        progress.update(
-            downloaded=downloaded,
-            total=totals["total"],
-            files=writer.files_done if writer is not None else 0,
-            files_total=len(m.files) if m is not None else None,
-        )
-
-    pipe.on_chunk = on_chunk
-    pipe.start()
     try:
-        result = await download(
-            url,
-            pipe,
-            settings=settings.snapshot,
-            metrics=metrics,
-            session=session,
-            expected_sha256=sha256,
-            chunk_size=CHUNK_SIZE,
-            on_total=lambda t: totals.__setitem__("total", t),
-        )
-        manifest, published = await pipe.finish()
+        return await run_in_thread(work, stop.stop, name="sidecar-hydrate")
     except BaseException:
-        await pipe.cancel()
         progress.finish()
         raise
-    progress.finish(
-        f"hydrated {len(manifest.files):,} files, "
-        f"{result.transferred / 1048576:.1f} MiB in {result.seconds:.1f}s"
-    )
-    return manifest, {
-        "downloaded": result.transferred,
-        "retries": result.retries,
-        "restarts": result.restarts,
-        "written": published.written,
-        "unchanged": published.unchanged,
-        "removed": published.removed,
-    }
+
+
+class _WriterSink:
+    """The download's sink: bytes go straight into the SnapshotWriter (same thread)."""
+
+    def __init__(self, make_writer: Callable[[], SnapshotWriter], progress: Progress) -> None:
+        self._make_writer = make_writer
+        self._progress = progress
+        self.writer = make_writer()
+        self.downloaded = 0
+        self.total: int | None = None
+
+    def set_total(self, total: int | None) -> None:
+        self.total = total
+
+    def write(self, chunk: bytes) -> None:
+        writer = self.writer
+        writer.feed(chunk)
+        self.downloaded += len(chunk)
+        progress = self._progress
+        if progress.enabled:
+            m = writer.manifest
+            progress.update(
+                downloaded=self.downloaded,
+                total=self.total,
+                files=writer.files_done,
+                files_total=len(m.files) if m is not None else None,
+            )
+
+    def restart(self) -> None:
+        self.writer.abort()
+        self.writer = self._make_writer()
+        self.downloaded = 0
 
 
 def _remove_stale_staging(state_dir: Path) -> None:
@@ -343,150 +476,3 @@ def _remove_stale_staging(state_dir: Path) -> None:
     for old in state_dir.glob("staging-*"):
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
-
-
-class _Signal(Enum):
-    RESTART = "restart"
-    EOF = "eof"
-    STOP = "stop"
-
-
-class _StoppedError(Exception):
-    """The worker stopped on request (cancellation); staging was removed."""
-
-
-class _Pipeline:
-    """A ChunkSink that hands chunks to one worker thread owning the SnapshotWriter.
-
-    At most QUEUE_SLOTS chunks are queued; `write` waits for a free slot (backpressure). The
-    worker checks a threading.Event between chunks, so cancel() stops it promptly.
-    """
-
-    def __init__(
-        self,
-        make_writer: Callable[[], SnapshotWriter],
-        state: StateStore,
-        loop: asyncio.AbstractEventLoop,
-        slots: int = QUEUE_SLOTS,
-    ) -> None:
-        self._make_writer = make_writer
-        self._state = state
-        self._loop = loop
-        self._slots = asyncio.Semaphore(slots)
-        self._nslots = slots
-        self._queue: queue.SimpleQueue[bytes | _Signal] = queue.SimpleQueue()
-        self._stop = threading.Event()
-        self._done: asyncio.Future[tuple[Manifest, PublishResult]] = loop.create_future()
-        # The worker logs too: give it the caller's context (structlog binds project/session).
-        self._thread = threading.Thread(
-            target=contextvars.copy_context().run,
-            args=(self._run,),
-            name="sidecar-hydrate",
-            daemon=True,
-        )
-        self.writer: SnapshotWriter | None = None
-        self.downloaded = 0
-        self.on_chunk: Callable[[int], None] | None = None
-
-    def start(self) -> None:
-        self._thread.start()
-
-    # -- ChunkSink, event loop side --
-
-    async def write(self, chunk: bytes) -> None:
-        await self._slots.acquire()
-        self._raise_if_failed()
-        self._queue.put(chunk)
-        self.downloaded += len(chunk)
-        if self.on_chunk is not None:
-            self.on_chunk(self.downloaded)
-
-    async def restart(self) -> None:
-        self._raise_if_failed()
-        self.downloaded = 0
-        self._queue.put(_Signal.RESTART)
-
-    async def finish(self) -> tuple[Manifest, PublishResult]:
-        """Signal end of stream; wait for finish() and publish() in the worker."""
-        self._queue.put(_Signal.EOF)
-        return await asyncio.shield(self._done)
-
-    async def cancel(self) -> None:
-        """Stop the worker (it aborts the writer) and wait until it is done with the disk."""
-        self._stop.set()
-        self._queue.put(_Signal.STOP)
-        try:
-            await asyncio.shield(self._done)
-        except asyncio.CancelledError:
-            # Cancelled again while cleaning up: staging must still be gone when we return.
-            self._thread.join()
-            raise
-        except Exception:  # noqa: BLE001, S110 - the caller is already raising the error that matters
-            pass
-        # The worker settles the future just before it returns: wait for it to be gone too.
-        await asyncio.to_thread(self._thread.join)
-
-    def _raise_if_failed(self) -> None:
-        if self._done.done():
-            exc = self._done.exception()
-            raise exc if exc is not None else RuntimeError("hydrate worker ended early")
-
-    # -- worker thread --
-
-    def _run(self) -> None:
-        try:
-            result = self._work()
-        except BaseException as exc:  # noqa: BLE001 - handed to the event loop side
-            if self.writer is not None:
-                with contextlib.suppress(Exception):
-                    self.writer.abort()
-            self._settle(exc=exc)
-        else:
-            self._settle(result=result)
-
-    def _work(self) -> tuple[Manifest, PublishResult]:
-        writer = self.writer = self._make_writer()
-        while True:
-            item = self._queue.get()
-            if isinstance(item, bytes):
-                self._call_soon(self._slots.release)
-            self._check_stop()  # cancel() sets the event before it queues STOP
-            if item is _Signal.RESTART:
-                writer.abort()
-                writer = self.writer = self._make_writer()
-            elif item is _Signal.EOF:
-                manifest = writer.finish()
-                self._check_stop()
-                # Publishing is not interrupted: every rename is atomic, and the state records
-                # the tree once it is all in place.
-                return manifest, writer.publish(self._state)
-            elif isinstance(item, bytes):
-                writer.feed(item)
-
-    def _check_stop(self) -> None:
-        if self._stop.is_set():
-            raise _StoppedError
-
-    def _settle(
-        self,
-        *,
-        result: tuple[Manifest, PublishResult] | None = None,
-        exc: BaseException | None = None,
-    ) -> None:
-        def settle() -> None:
-            if self._done.done():
-                return
-            if exc is not None:
-                self._done.set_exception(exc)
-            else:
-                assert result is not None
-                self._done.set_result(result)
-            # Wake a producer waiting for a slot so that it sees the failure.
-            for _ in range(self._nslots + 1):
-                self._slots.release()
-
-        self._call_soon(settle)
-
-    def _call_soon(self, fn: Callable[[], None]) -> None:
-        with contextlib.suppress(RuntimeError):  # loop already closed: nobody is waiting
-            self._loop.call_soon_threadsafe(fn)

@@ -3,7 +3,9 @@
 Objects (files under a directory, or registered bytes) are served at
 `/storage/v1/object/sign/<bucket>/<path>?token=<JWT>`, where the JWT is HS256 over
 `{"url": "<bucket>/<path>", "iat", "exp"}` with the server's secret. Invalid or expired tokens get
-Supabase's answer (400 with a JSON body), unknown objects 404, and single byte ranges 206/416.
+Supabase's answer (400 with a JSON body), unknown objects 404, single byte ranges 206/416, and
+conditional requests (`If-None-Match` on the ETag, else `If-Modified-Since`) 304, as Supabase
+Storage does. Every object request is recorded with the body bytes sent (`requests`, `sent`).
 Faults (dropped connections, 5xx, trickle, a corrupt byte, Range ignored, expired tokens) are knobs
 on `server.faults`, changeable at any time, or through `POST /_admin/fault` when run standalone.
 """
@@ -45,6 +47,8 @@ class ServedRequest:
     key: str  # "<bucket>/<path>"
     range: str | None
     if_range: str | None
+    if_none_match: str | None = None
+    if_modified_since: str | None = None
     status: int = 0
     start: int = 0  # first byte offset served
     end: int = 0  # one past the last byte offset the response promised
@@ -66,6 +70,8 @@ class Faults:
     trickle: send at most this many bytes per second.
     corrupt_at: absolute object offset whose byte is flipped on the way out.
     ignore_range: answer 200 with the whole object even when a Range was asked for.
+    ignore_conditional: answer 200 even when If-None-Match / If-Modified-Since match (a server
+        or CDN without conditional requests).
     expire_tokens: treat every token as expired (Supabase's "jwt expired").
     """
 
@@ -75,6 +81,7 @@ class Faults:
     trickle: float | None = None
     corrupt_at: int | None = None
     ignore_range: bool = False
+    ignore_conditional: bool = False
     expire_tokens: bool = False
 
     def drop_at(self, offsets: Iterable[int]) -> None:
@@ -181,6 +188,10 @@ class SnapshotServer(LoopbackServer):
         key = None if path is None else f"{bucket or self.bucket}/{path.lstrip('/')}"
         return [r for r in self.requests if r.method == "GET" and (key is None or r.key == key)]
 
+    def bytes_sent(self, path: str | None = None, *, bucket: str | None = None) -> int:
+        """Body bytes sent for GETs (of one object path, or all)."""
+        return sum(r.sent for r in self.gets(path, bucket=bucket))
+
     def _lookup(self, key: str) -> tuple[Path | bytes, int, str, float] | None:
         obj = self._objects.get(key)
         if obj is not None:
@@ -199,8 +210,14 @@ class SnapshotServer(LoopbackServer):
 
     async def _handle_object(self, request: web.Request) -> web.StreamResponse:
         key = unquote(request.match_info["key"])
+        h = request.headers
         rec = ServedRequest(
-            request.method, key, request.headers.get("Range"), request.headers.get("If-Range")
+            request.method,
+            key,
+            h.get("Range"),
+            h.get("If-Range"),
+            h.get("If-None-Match"),
+            h.get("If-Modified-Since"),
         )
         self.requests.append(rec)
         resp = await self._serve(request, rec)
@@ -231,6 +248,9 @@ class SnapshotServer(LoopbackServer):
             "Content-Type": "application/zstd",
             "Cache-Control": "no-cache",
         }
+        if not self.faults.ignore_conditional and _not_modified(rec, etag, mtime):
+            del headers["Content-Type"]
+            return web.Response(status=304, headers=headers)
         start, end, status = 0, size, 200
         if rec.range and not self.faults.ignore_range and _if_range_ok(rec.if_range, etag, mtime):
             try:
@@ -356,6 +376,7 @@ class SnapshotServer(LoopbackServer):
                     "method": r.method,
                     "key": r.key,
                     "range": r.range,
+                    "if_none_match": r.if_none_match,
                     "status": r.status,
                     "start": r.start,
                     "end": r.end,
@@ -424,6 +445,19 @@ def _if_range_ok(if_range: str | None, etag: str, mtime: float) -> bool:
         return int(parsedate_to_datetime(if_range).timestamp()) >= int(mtime)
     except (TypeError, ValueError):
         return False
+
+
+def _not_modified(rec: ServedRequest, etag: str, mtime: float) -> bool:
+    """RFC 9110 13.2.2: If-None-Match (weak comparison) decides; If-Modified-Since only without it."""
+    if rec.if_none_match is not None:
+        tags = [t.strip().removeprefix("W/") for t in rec.if_none_match.split(",")]
+        return "*" in tags or etag.removeprefix("W/") in tags
+    if rec.if_modified_since:
+        try:
+            return int(mtime) <= int(parsedate_to_datetime(rec.if_modified_since).timestamp())
+        except (TypeError, ValueError):
+            return False
+    return False
 
 
 async def _serve_forever(args: argparse.Namespace) -> None:

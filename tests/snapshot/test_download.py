@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from sidecar.config import SnapshotSettings
 from sidecar.errors import SnapshotExpiredError, SnapshotInvalidError, SnapshotUnavailableError
 from sidecar.metrics import Metrics
-from sidecar.snapshot.download import download
+from sidecar.snapshot.download import download, fetch
 from sidecar.testing.snapshot_server import ServedRequest, SnapshotServer
 
 DATA = random.Random(7).randbytes(3 * 1024 * 1024 + 17)
@@ -34,6 +34,19 @@ class MemorySink:
     async def restart(self) -> None:
         self.buf.clear()
         self.restarts += 1
+
+
+class SyncMemorySink:
+    """MemorySink for the blocking `fetch`."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def write(self, chunk: bytes) -> None:
+        self.buf += chunk
+
+    def restart(self) -> None:
+        self.buf.clear()
 
 
 def _retries(metrics: Metrics) -> float:
@@ -258,3 +271,69 @@ async def test_file_url(tmp_path: Path, fast_snapshot_settings: SnapshotSettings
         await download(
             (tmp_path / "missing").as_uri(), MemorySink(), settings=fast_snapshot_settings
         )
+
+
+async def test_conditional_request_304_and_changed_object(
+    snapshot_server: SnapshotServer, fast_snapshot_settings: SnapshotSettings
+) -> None:
+    """If-None-Match with the ETag of the last download: 304, nothing delivered; once the
+    object is replaced, 200 with the new bytes and its new ETag. Without an ETag the
+    Last-Modified date is sent as If-Modified-Since."""
+    snapshot_server.add("s.tar.zst", DATA)
+    first = await asyncio.to_thread(
+        fetch,
+        snapshot_server.url_for("s.tar.zst"),
+        SyncMemorySink(),
+        settings=fast_snapshot_settings,
+    )
+    assert first.etag
+    assert first.last_modified
+    sink = SyncMemorySink()
+    again = await asyncio.to_thread(
+        fetch,
+        snapshot_server.url_for("s.tar.zst"),
+        sink,
+        settings=fast_snapshot_settings,
+        if_none_match=first.etag,
+        expected_sha256="0" * 64,  # not checked: no bytes came
+    )
+    assert (again.not_modified, again.transferred, bytes(sink.buf)) == (True, 0, b"")
+    assert snapshot_server.gets()[-1].status == 304
+    since = await asyncio.to_thread(
+        fetch,
+        snapshot_server.url_for("s.tar.zst"),
+        SyncMemorySink(),
+        settings=fast_snapshot_settings,
+        if_modified_since=first.last_modified,
+    )
+    assert since.not_modified
+    new = DATA[::-1]
+    snapshot_server.add("s.tar.zst", new)
+    sink = SyncMemorySink()
+    changed = await asyncio.to_thread(
+        fetch,
+        snapshot_server.url_for("s.tar.zst"),
+        sink,
+        settings=fast_snapshot_settings,
+        if_none_match=first.etag,
+    )
+    assert not changed.not_modified
+    assert bytes(sink.buf) == new
+    assert changed.etag != first.etag
+
+
+async def test_a_sink_error_is_not_retried(
+    snapshot_server: SnapshotServer, fast_snapshot_settings: SnapshotSettings
+) -> None:
+    """What the sink raises (a full disk in the extractor) ends the download as it is."""
+    snapshot_server.add("s.tar.zst", DATA)
+
+    class Full(SyncMemorySink):
+        def write(self, chunk: bytes) -> None:
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        await asyncio.to_thread(
+            fetch, snapshot_server.url_for("s.tar.zst"), Full(), settings=fast_snapshot_settings
+        )
+    assert len(snapshot_server.gets()) == 1

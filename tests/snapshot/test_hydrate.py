@@ -252,13 +252,18 @@ async def test_sha256_match_is_accepted(env: Env, v1: Path) -> None:
 
 
 async def test_restart_with_snapshot_in_place_downloads_nothing(env: Env, v1: Path) -> None:
-    """After a restart with the same snapshot (fresh token), the tree is verified, not fetched."""
-    env.server.add("v1.tar.zst", snapshot_bytes(v1))
+    """After a restart with the same snapshot (fresh token), the tree is verified, not fetched:
+    the conditional request (the ETag recorded at publish) is answered 304, no body."""
+    blob = snapshot_bytes(v1)
+    env.server.add("v1.tar.zst", blob)
     first = await env.hydrate(env.server.url_for("v1.tar.zst"))
     env.reopen()
     with capture_logs() as logs:
         again = await env.hydrate(env.server.url_for("v1.tar.zst", expires_in=600))
-    assert len(env.server.gets("v1.tar.zst")) == 1
+    gets = env.server.gets("v1.tar.zst")
+    assert [r.status for r in gets] == [200, 304]
+    assert gets[1].if_none_match is not None
+    assert env.server.bytes_sent("v1.tar.zst") == len(blob)
     assert again.snapshot_id == first.snapshot_id
     assert again.files == first.files
     assert again.created_at == first.created_at
@@ -278,7 +283,7 @@ async def test_damaged_files_are_repaired(env: Env, v1: Path) -> None:
         await env.hydrate(env.server.url_for("v1.tar.zst"))
     assert tree_of(env.project) == tree_of(v1)
     assert verify_tree(env.project, env.state) == []
-    assert len(env.server.gets("v1.tar.zst")) == 2
+    assert [r.status for r in env.server.gets("v1.tar.zst")] == [200, 304, 200]
     done = next(e for e in logs if e["event"] == "snapshot.hydrated")
     assert done["written"] == 3  # the two damaged files, and the symlink (always re-created)
     assert any(e["event"] == "snapshot.tree_damaged" and e["files"] == 2 for e in logs)
@@ -411,6 +416,65 @@ async def test_concurrent_hydrations_are_serialised(env: Env, v1: Path) -> None:
     url = env.server.url_for("v1.tar.zst")
     a, b = await asyncio.gather(env.hydrate(url), env.hydrate(url))
     assert a.snapshot_id == b.snapshot_id
-    assert len(env.server.gets("v1.tar.zst")) == 1
+    assert [r.status for r in env.server.gets("v1.tar.zst")] == [200, 304]
     assert (env.count("ok"), env.count("in_place")) == (1, 1)
     assert tree_of(env.project) == tree_of(v1)
+
+
+def _inodes(root: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(root)): p.lstat().st_ino
+        for p in root.rglob("*")
+        if ".sidecar" not in p.parts and not p.is_dir()
+    }
+
+
+@pytest.mark.parametrize("conditional", [True, False], ids=["etag", "no-conditional-support"])
+async def test_same_url_path_new_bytes_is_hydrated(
+    env: Env, v1: Path, tmp_path: Path, conditional: bool
+) -> None:
+    """A producer upserts new bytes at the same object path and hands out a fresh signed URL:
+    without SNAPSHOT_SHA256 or a snapshot id, the server's answer decides, and the new tree is
+    published (also when the server ignores conditional requests)."""
+    env.server.faults.ignore_conditional = not conditional
+    env.server.add("latest.tar.zst", snapshot_bytes(v1))
+    await env.hydrate(env.server.url_for("latest.tar.zst"))
+    v2 = make_tree(tmp_path / "v2", seed=2)
+    (v2 / "only-in-v2.txt").write_text("new\n")
+    env.server.add("latest.tar.zst", snapshot_bytes(v2))
+    env.reopen()
+    with capture_logs() as logs:
+        await env.hydrate(env.server.url_for("latest.tar.zst", expires_in=600))
+    assert tree_of(env.project) == tree_of(v2)
+    assert [e["outcome"] for e in logs if e["event"] == "snapshot.hydrated"] == ["ok"]
+    assert [r.status for r in env.server.gets("latest.tar.zst")] == [200, 200]
+    assert verify_tree(env.project, env.state) == []
+
+
+async def test_same_bytes_without_conditional_support_stop_after_the_manifest(
+    env: Env, tmp_path: Path
+) -> None:
+    """A server that answers 200 to every request: the manifest at the start of the body is the
+    one in place, so the download stops there (well under the snapshot's size), the tree is
+    verified and left untouched; the same holds for the same bytes at another object path."""
+    big = make_tree(tmp_path / "big", files=100, binary_kib=96)  # about 10 MB compressed
+    blob = snapshot_bytes(big)
+    env.server.faults.ignore_conditional = True
+    env.server.add("latest.tar.zst", blob)
+    env.server.add("copy.tar.zst", blob)
+    await env.hydrate(env.server.url_for("latest.tar.zst"))
+    before = _inodes(env.project)
+    for path in ("latest.tar.zst", "copy.tar.zst"):
+        env.reopen()
+        with capture_logs() as logs:
+            await env.hydrate(env.server.url_for(path))
+        done = [e for e in logs if e["event"] == "snapshot.hydrated"]
+        assert [(e["outcome"], e["unchanged_by"]) for e in done] == [("in_place", "same_manifest")]
+        assert done[0]["downloaded"] < len(blob) // 4, (done[0]["downloaded"], len(blob))
+        assert _inodes(env.project) == before
+    assert tree_of(env.project) == tree_of(big)
+    # The copy's validators were recorded: with conditional requests back, a restart asks 304.
+    env.server.faults.ignore_conditional = False
+    env.reopen()
+    await env.hydrate(env.server.url_for("copy.tar.zst"))
+    assert env.server.gets("copy.tar.zst")[-1].status == 304
