@@ -157,15 +157,12 @@ async def test_table_reads_follow_the_same_rule(db: Db, project: str, who: str) 
 async def test_join_matrix(db: Db, project: str, who: str) -> None:
     claims = tokens(project)[who]
     assert claims is not None
-    conn = await psycopg.AsyncConnection.connect(db.cluster.dsn("supabase_admin"))
-    try:
-        access = await authorize_channel(conn, f"project:{project}", claims)
+    with psycopg.connect(db.cluster.dsn("supabase_admin")) as conn:
+        access = authorize_channel(conn, f"project:{project}", claims)
         assert access == JOIN_MATRIX[who]
         # Another project's channel is never readable by a project token.
-        other = await authorize_channel(conn, f"project:{uuid.uuid4()}", claims)
+        other = authorize_channel(conn, f"project:{uuid.uuid4()}", claims)
         assert other.read == (who == "service")
-    finally:
-        await conn.close()
     # The probes were rolled back: nothing stored.
     assert (
         await db.sql("select 1 from realtime.messages where topic = %s", f"project:{project}") == []
@@ -173,14 +170,11 @@ async def test_join_matrix(db: Db, project: str, who: str) -> None:
 
 
 async def test_join_refused_for_an_unknown_role(db: Db, project: str) -> None:
-    conn = await psycopg.AsyncConnection.connect(db.cluster.dsn("supabase_admin"))
-    try:
-        with pytest.raises(RlsPolicyError, match="22023"):
-            await authorize_channel(
-                conn, f"project:{project}", {"role": "nobody", "project_id": project}
-            )
-    finally:
-        await conn.close()
+    with (
+        psycopg.connect(db.cluster.dsn("supabase_admin")) as conn,
+        pytest.raises(RlsPolicyError, match="22023"),
+    ):
+        authorize_channel(conn, f"project:{project}", {"role": "nobody", "project_id": project})
     status, body = await db.call(
         "get_project_file", {"role": "nobody"}, project_uuid=project, p_file_path="x"
     )
@@ -192,30 +186,18 @@ async def test_client_broadcast_option_lets_only_editor_tokens_write(db: Db, pro
     broadcast on its own channel; container tokens still may not."""
     from sidecar.sql import option_sql
 
-    admin = await psycopg.AsyncConnection.connect(db.cluster.dsn("postgres"))
-    conn = await psycopg.AsyncConnection.connect(db.cluster.dsn("supabase_admin"))
-    try:
-        # Applied in a transaction that is rolled back: the other tests keep the default.
-        async with admin.transaction(force_rollback=True):
-            await admin.execute(option_sql("client_broadcast").encode())
-            # authorize_channel's connection must see the policy: run it on `admin` itself.
-            editor = {"role": "authenticated", "project_id": project, "editor": True}
-            container = {"role": "authenticated", "project_id": project}
-            assert await authorize_channel(admin, f"project:{project}", editor) == ChannelAccess(
-                read=True, write=True
-            )
-            assert await authorize_channel(admin, f"project:{project}", container) == ChannelAccess(
+    topic = f"project:{project}"
+    editor = {"role": "authenticated", "project_id": project, "editor": True}
+    container = {"role": "authenticated", "project_id": project}
+    other = {"role": "authenticated", "project_id": str(uuid.uuid4()), "editor": True}
+    with psycopg.connect(db.cluster.dsn("postgres")) as conn:
+        # Applied in a transaction that is rolled back: the other tests keep the default. The
+        # checks run on the same connection (savepoints) so that they see the policy.
+        with conn.transaction(force_rollback=True):
+            conn.execute(option_sql("client_broadcast").encode())
+            assert authorize_channel(conn, topic, editor) == ChannelAccess(read=True, write=True)
+            assert authorize_channel(conn, topic, container) == ChannelAccess(
                 read=True, write=False
             )
-            other = {"role": "authenticated", "project_id": str(uuid.uuid4()), "editor": True}
-            assert (await authorize_channel(admin, f"project:{project}", other)).write is False
-        assert (
-            await authorize_channel(
-                conn,
-                f"project:{project}",
-                {"role": "authenticated", "project_id": project, "editor": True},
-            )
-        ).write is False
-    finally:
-        await admin.close()
-        await conn.close()
+            assert authorize_channel(conn, topic, other).write is False
+        assert authorize_channel(conn, topic, editor).write is False

@@ -21,18 +21,22 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import psycopg
 import structlog
+
+from sidecar.testing.realtime.server import Policy, RealtimeServer, StoredMessage
 
 __all__ = [
     "ChannelAccess",
     "MessageFeed",
     "MessageRow",
+    "PostgresMode",
     "RlsPolicyError",
     "authorize_channel",
     "fetch_message",
@@ -68,8 +72,8 @@ class MessageRow:
     inserted_at: datetime
 
 
-async def authorize_channel(
-    conn: psycopg.AsyncConnection[Any],
+def authorize_channel(
+    conn: psycopg.Connection[Any],
     sub_topic: str,
     claims: dict[str, Any],
     *,
@@ -77,7 +81,8 @@ async def authorize_channel(
 ) -> ChannelAccess:
     """Run Realtime's read and write checks for `sub_topic` (e.g. 'project:<uuid>').
 
-    `conn` is an idle admin connection (autocommit off).
+    `conn` is an idle admin connection (autocommit off). Synchronous: the test server's policy
+    hook is (a check takes a few milliseconds on loopback).
 
     Raises:
         RlsPolicyError: any SQL error other than the write check's 42501.
@@ -93,7 +98,7 @@ async def authorize_channel(
     params = (
         role,
         sub_topic,
-        json.dumps(claims),
+        json.dumps(dict(claims)),
         str(claims.get("sub") or ""),
         role,
         json.dumps(headers or {}),
@@ -101,22 +106,22 @@ async def authorize_channel(
     now = datetime.now(UTC).replace(tzinfo=None)
     probe = uuid.uuid4()
     try:
-        async with conn.transaction(force_rollback=True):
-            await conn.execute(
+        with conn.transaction(force_rollback=True):
+            conn.execute(
                 "insert into realtime.messages (id, topic, extension, inserted_at, updated_at)"
                 " values (%s, %s, 'broadcast', %s, %s)",
                 (probe, sub_topic, now, now),
             )
-            await conn.execute(settings, params)
-            row = await (
-                await conn.execute("select id from realtime.messages where id = %s", (probe,))
-            ).fetchone()
-            read = row is not None
-        async with conn.transaction(force_rollback=True):
-            await conn.execute(settings, params)
+            conn.execute(settings, params)
+            read = (
+                conn.execute("select id from realtime.messages where id = %s", (probe,)).fetchone()
+                is not None
+            )
+        with conn.transaction(force_rollback=True):
+            conn.execute(settings, params)
             try:
-                async with conn.transaction():  # a savepoint, as Realtime does
-                    await conn.execute(
+                with conn.transaction():  # a savepoint, as Realtime does
+                    conn.execute(
                         "insert into realtime.messages (topic, extension) values (%s, 'broadcast')",
                         (sub_topic,),
                     )
@@ -128,22 +133,23 @@ async def authorize_channel(
     return ChannelAccess(read=read, write=write)
 
 
-async def replay(
-    conn: psycopg.AsyncConnection[Any], sub_topic: str, since_ms: int, limit: int
+_COLUMNS = "id, topic, event, payload, private, inserted_at"
+
+
+def replay(
+    conn: psycopg.Connection[Any], sub_topic: str, since_ms: int, limit: int
 ) -> list[MessageRow]:
     """The newest `limit` (clamped to 1..25) private broadcasts since `since_ms`, oldest first."""
     limit = max(1, min(int(limit), 25))
     since = datetime.fromtimestamp(since_ms / 1000, UTC).replace(tzinfo=None)
-    async with conn.transaction():
-        rows = await (
-            await conn.execute(
-                "select id, topic, event, payload, private, inserted_at from realtime.messages"
-                " where topic = %s and private is true and extension = 'broadcast'"
-                "   and inserted_at >= %s"
-                "   and inserted_at < (now() at time zone 'utc') + interval '1 minute'"
-                " order by inserted_at desc limit %s",
-                (sub_topic, since, limit),
-            )
+    with conn.transaction():
+        rows = conn.execute(
+            f"select {_COLUMNS} from realtime.messages"
+            " where topic = %s and private is true and extension = 'broadcast'"
+            "   and inserted_at >= %s"
+            "   and inserted_at < (now() at time zone 'utc') + interval '1 minute'"
+            " order by inserted_at desc limit %s",
+            (sub_topic, since, limit),
         ).fetchall()
     return [_row(r) for r in reversed(rows)]
 
@@ -153,8 +159,7 @@ async def fetch_message(conn: psycopg.AsyncConnection[Any], message_id: str) -> 
     async with conn.transaction():
         row = await (
             await conn.execute(
-                "select id, topic, event, payload, private, inserted_at from realtime.messages"
-                " where id = %s and payload is not null",
+                f"select {_COLUMNS} from realtime.messages where id = %s and payload is not null",
                 (message_id,),
             )
         ).fetchone()
@@ -221,3 +226,82 @@ class MessageFeed:
         finally:
             await listen.close()
             await fetch.close()
+
+
+class PostgresMode:
+    """Runs a RealtimeServer on the database; an async context manager.
+
+    - Private joins (and token refreshes, and the first client broadcast) are authorized by
+      `authorize_channel` with the token's claims: the real realtime.messages policies decide.
+    - Live delivery comes from committed realtime.messages rows (`MessageFeed`), sent with
+      `meta.id` = the row id through `RealtimeServer.send_db`, in commit order.
+    - Replay is the real query on realtime.messages (`replay`).
+    - The day partitions are created at start, as Realtime does when it connects to a tenant.
+
+    `dsn` logs in as the shim's superuser (self-hosted Realtime's `supabase_admin`).
+    """
+
+    def __init__(self, server: RealtimeServer, dsn: str) -> None:
+        self.server = server
+        self.dsn = dsn
+        self.delivered = 0
+        self._conn: psycopg.Connection[Any] | None = None
+        self._feed = MessageFeed(dsn, self._deliver)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Connect, create partitions, hook the server's policy and replay, start the feed."""
+        conn = await asyncio.to_thread(psycopg.connect, self.dsn)
+        with conn.transaction():
+            conn.execute("select realtime.create_messages_partitions()")
+        self._conn = conn
+        self.server.policy = self._policy
+        self.server.replay_source = self._replay
+        await self._feed.start()
+
+    async def close(self) -> None:
+        """Stop the feed and close the connection (the server keeps running, in memory)."""
+        await self._feed.close()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _policy(self, claims: Mapping[str, Any], topic: str) -> Policy:
+        if self._conn is None:
+            raise RlsPolicyError("the database connection is closed")
+        access = authorize_channel(self._conn, topic, dict(claims))
+        return Policy(read=access.read, write=access.write)
+
+    def _replay(self, topic: str, since_ms: int, limit: int) -> list[StoredMessage]:
+        if self._conn is None:
+            return []
+        try:
+            rows = replay(self._conn, topic, since_ms, limit)
+        except psycopg.Error as exc:
+            log.warning("realtime_db.replay_failed", topic=topic, error=str(exc))
+            return []
+        return [
+            StoredMessage(
+                id=r.id,
+                topic=r.topic,
+                event=r.event,
+                payload=r.payload,
+                binary_payload=None,
+                private=r.private,
+                inserted_at=r.inserted_at.replace(tzinfo=UTC),
+                inserted_ms=int(r.inserted_at.replace(tzinfo=UTC).timestamp() * 1000),
+            )
+            for r in rows
+        ]
+
+    async def _deliver(self, row: MessageRow) -> None:
+        self.delivered += 1
+        self.server.send_db(row.topic, row.event, row.payload, row.private, id=row.id)
