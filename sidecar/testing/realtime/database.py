@@ -259,12 +259,12 @@ class PostgresMode:
 
     async def start(self) -> None:
         """Connect, create partitions, hook the server's policy and replay, start the feed."""
-        conn = await asyncio.to_thread(psycopg.connect, self.dsn)
+        conn: psycopg.Connection[Any] = await asyncio.to_thread(_connect, self.dsn)
         with conn.transaction():
             conn.execute("select realtime.create_messages_partitions()")
         self._conn = conn
         self.server.policy = self._policy
-        self.server.replay_source = self._replay
+        self.server._replay_rows = self._replay  # type: ignore[method-assign,assignment]
         await self._feed.start()
 
     async def close(self) -> None:
@@ -305,3 +305,7 @@ class PostgresMode:
     async def _deliver(self, row: MessageRow) -> None:
         self.delivered += 1
         self.server.send_db(row.topic, row.event, row.payload, row.private, id=row.id)
+
+
+def _connect(dsn: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(dsn)
