@@ -31,7 +31,7 @@ from sidecar.testing.realtime.socket import (
     payload_size,
 )
 
-__all__ = ["Broker", "Counters", "Knobs", "Policy", "PolicyFn", "allow_all"]
+__all__ = ["Broker", "Counters", "Knobs", "Policy", "PolicyFn", "ReplayFn", "allow_all"]
 
 log = structlog.get_logger(component="realtime_server")
 
@@ -49,6 +49,10 @@ class Policy:
 
 
 PolicyFn = Callable[[Mapping[str, Any], str], "Policy | Mapping[str, bool]"]
+
+
+# (sub-topic, since ms, limit) -> the rows replay sends, oldest first; None: the in-memory store.
+ReplayFn = Callable[[str, int, int], list[StoredMessage]]
 
 
 def allow_all(_claims: Mapping[str, Any], _topic: str) -> Policy:
@@ -165,7 +169,8 @@ class _RateCounter:
 class Broker:
     """The tenant's shared state and the paths a message takes into it (see the module docstring).
 
-    `knobs`, `policy` and `counters` may be read and replaced by tests at any time.
+    `knobs`, `policy` and `counters` may be read and replaced by tests at any time;
+    `replay_source` answers replay from elsewhere (the database: realtime/database.py).
     """
 
     def __init__(self, jwt_secret: str, knobs: Knobs, policy: PolicyFn) -> None:
@@ -174,6 +179,7 @@ class Broker:
         self.jwt_jwks: Mapping[str, Any] | None = None
         self.knobs = knobs
         self.policy: PolicyFn = policy
+        self.replay_source: ReplayFn | None = None
         self.counters = Counters()
         self.messages: list[StoredMessage] = []
         self.policy_calls: list[tuple[str, str]] = []  # (purpose, sub-topic) per evaluation
@@ -267,6 +273,8 @@ class Broker:
         return delivered
 
     def _replay_rows(self, sub: str, since: int, limit: int) -> list[StoredMessage]:
+        if self.replay_source is not None:
+            return self.replay_source(sub, since, limit)
         horizon = (time.time() + 60) * 1000
         rows = [
             m

@@ -30,7 +30,8 @@ from typing import Any, Self
 import psycopg
 import structlog
 
-from sidecar.testing.realtime.server import Policy, RealtimeServer, StoredMessage
+from sidecar.testing.realtime.broker import Broker, Policy
+from sidecar.testing.realtime.socket import StoredMessage
 
 __all__ = [
     "ChannelAccess",
@@ -229,7 +230,7 @@ class MessageFeed:
 
 
 class PostgresMode:
-    """Runs a RealtimeServer on the database; an async context manager.
+    """Runs a RealtimeServer (its Broker) on the database; an async context manager.
 
     - Private joins (and token refreshes, and the first client broadcast) are authorized by
       `authorize_channel` with the token's claims: the real realtime.messages policies decide.
@@ -241,7 +242,7 @@ class PostgresMode:
     `dsn` logs in as the shim's superuser (self-hosted Realtime's `supabase_admin`).
     """
 
-    def __init__(self, server: RealtimeServer, dsn: str) -> None:
+    def __init__(self, server: Broker, dsn: str) -> None:
         self.server = server
         self.dsn = dsn
         self.delivered = 0
@@ -264,11 +265,12 @@ class PostgresMode:
             conn.execute("select realtime.create_messages_partitions()")
         self._conn = conn
         self.server.policy = self._policy
-        self.server._replay_rows = self._replay  # type: ignore[method-assign,assignment]
+        self.server.replay_source = self._replay
         await self._feed.start()
 
     async def close(self) -> None:
         """Stop the feed and close the connection (the server keeps running, in memory)."""
+        self.server.replay_source = None
         await self._feed.close()
         conn, self._conn = self._conn, None
         if conn is not None:

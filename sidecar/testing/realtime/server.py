@@ -524,9 +524,18 @@ async def _serve_forever(args: argparse.Namespace) -> None:
         knobs=knobs,
         jwks=json.loads(args.jwks) if args.jwks else None,
     )
-    async with server:
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(server)
+        if args.postgres:
+            from sidecar.testing.realtime.database import PostgresMode
+
+            await stack.enter_async_context(PostgresMode(server, args.postgres))
         log.info(
-            "realtime_server.listening", url=server.url, port=server.port, auth_mode=knobs.auth_mode
+            "realtime_server.listening",
+            url=server.url,
+            port=server.port,
+            auth_mode=knobs.auth_mode,
+            postgres=bool(args.postgres),
         )
         await until_terminated()
 
@@ -548,6 +557,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--jwks", default=None, help='public keys for ES256 tokens: {"keys": [...]}')
     p.add_argument("--auth-mode", choices=("gateway", "jwt"), default="gateway")
     p.add_argument("--plan", choices=("free", "pro"), default=None)
+    p.add_argument(
+        "--postgres",
+        default=None,
+        metavar="DSN",
+        help="PostgreSQL mode: RLS joins, live rows and replay from realtime.messages at DSN "
+        "(a superuser, e.g. the test cluster's supabase_admin)",
+    )
     p.add_argument("--channel-error-backoff", type=float, default=5.0)
     p.add_argument("--connect-error-backoff", type=float, default=2.0)
     args = p.parse_args(argv)
