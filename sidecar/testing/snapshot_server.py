@@ -8,6 +8,16 @@ conditional requests (`If-None-Match` on the ETag, else `If-Modified-Since`) 304
 Storage does. Every object request is recorded with the body bytes sent (`requests`, `sent`).
 Faults (dropped connections, 5xx, trickle, a corrupt byte, Range ignored, expired tokens) are knobs
 on `server.faults`, changeable at any time, or through `POST /_admin/fault` when run standalone.
+
+The Storage API part a publisher uses (supabase/storage `src/http/routes/object/createObject.ts`,
+`getSignedURL.ts`): upload with `POST|PUT /storage/v1/object/<bucket>/<path>` (raw body,
+`x-upsert: true` to overwrite, answer `{"Key", "Id"}`), and sign with
+`POST /storage/v1/object/sign/<bucket>/<path>` `{"expiresIn": s}` (answer `{"signedURL":
+"/object/sign/<bucket>/<path>?token=…"}`, relative to `<url>/storage/v1`). Both need
+`Authorization: Bearer <JWT>` verified with `jwt_secret` whose role is service_role (or the
+opaque `secret_key`); without storage.objects policies any other role is refused as RLS would.
+Their errors are Storage's: HTTP 400 with the real status as a string in the body
+(`{"statusCode": "409", "error": "Duplicate", "message": …}`, error-handler.ts).
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import contextlib
 import hashlib
 import secrets
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from email.utils import formatdate, parsedate_to_datetime
@@ -31,11 +42,12 @@ from aiohttp import web
 
 from sidecar.testing._server import LoopbackServer, json_body, run_standalone, until_terminated
 
-__all__ = ["Faults", "ServedRequest", "SnapshotServer", "main"]
+__all__ = ["Faults", "ServedRequest", "SnapshotServer", "Upload", "main"]
 
 log = structlog.get_logger(component="snapshot_server")
 
 SIGN_PREFIX = "/storage/v1/object/sign/"
+OBJECT_PREFIX = "/storage/v1/object/"
 _CHUNK = 256 * 1024
 
 
@@ -57,6 +69,16 @@ class ServedRequest:
 
 
 DropRule = Callable[[ServedRequest], "int | None"]
+
+
+@dataclass(slots=True)
+class Upload:
+    """One upload request through the Storage API (for test assertions)."""
+
+    key: str  # "<bucket>/<path>"
+    upsert: bool
+    status: str = ""  # the body's statusCode ("200" when stored); "" while in flight
+    size: int = 0
 
 
 @dataclass(slots=True)
@@ -119,6 +141,9 @@ class SnapshotServer(LoopbackServer):
         secret: HS256 signing secret (random by default).
         host, port: where to listen; port 0 picks a free port (read it back from `.port`).
         bucket: the bucket name used for files under root and by `url_for` by default.
+        buckets: further buckets the Storage API accepts uploads into.
+        jwt_secret: the project's JWT secret that API callers' tokens are verified with.
+        file_size_limit: the largest object an upload may create (Storage's global limit).
     """
 
     def __init__(
@@ -130,6 +155,9 @@ class SnapshotServer(LoopbackServer):
         port: int = 0,
         bucket: str = "snapshots",
         public_url: str | None = None,
+        buckets: Iterable[str] = (),
+        jwt_secret: str | None = None,
+        file_size_limit: int = 5 * 1024**3,
     ) -> None:
         super().__init__(host, port)
         self.root = root.resolve() if root is not None else None
@@ -139,6 +167,7 @@ class SnapshotServer(LoopbackServer):
         self.requests: list[ServedRequest] = []
         self._public_url = public_url
         self._objects: dict[str, tuple[bytes, str, float]] = {}  # key -> (data, etag, mtime)
+        self._init_storage_api(buckets, jwt_secret, file_size_limit)
 
     # -- lifecycle --
 
@@ -147,6 +176,7 @@ class SnapshotServer(LoopbackServer):
     def routes(self, app: web.Application) -> None:
         """Signed object URLs plus the admin endpoints."""
         app.router.add_get(SIGN_PREFIX + "{key:.+}", self._handle_object)
+        self._storage_api_routes(app)
         app.router.add_post("/_admin/sign", self._handle_sign)
         app.router.add_post("/_admin/fault", self._handle_fault)
         app.router.add_get("/_admin/requests", self._handle_requests)
@@ -390,6 +420,131 @@ class SnapshotServer(LoopbackServer):
     async def _handle_health(self, _request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
+    # -- the Storage API: upload and sign (what `sidecar snapshot publish` calls) --
+
+    def _init_storage_api(self, buckets: Iterable[str], jwt_secret: str | None, limit: int) -> None:
+        self.buckets = {self.bucket, *buckets}
+        self.jwt_secret = jwt_secret or secrets.token_urlsafe(32)
+        self.file_size_limit = limit
+        now = int(time.time())
+        self.service_role_key = jwt.encode(
+            {"role": "service_role", "iss": "supabase", "iat": now, "exp": now + 10 * 365 * 86400},
+            self.jwt_secret,
+            algorithm="HS256",
+        )
+        self.secret_key = "sb_secret_" + secrets.token_urlsafe(16)
+        self.uploads: list[Upload] = []  # every upload request, answered or not
+        self.signs: list[str] = []  # keys signed through the API
+        self.upload_gate: asyncio.Event | None = None  # set: uploads wait for it (tests)
+        self.upload_started = asyncio.Event()
+
+    def _storage_api_routes(self, app: web.Application) -> None:
+        # Before the upload route: `sign/...` would otherwise be a bucket called "sign".
+        app.router.add_post(SIGN_PREFIX + "{key:.+}", self._handle_api_sign)
+        app.router.add_post(OBJECT_PREFIX + "{key:.+}", self._handle_upload)
+        app.router.add_put(OBJECT_PREFIX + "{key:.+}", self._handle_upload)
+
+    def stored(self, key: str) -> bytes | None:
+        """The bytes of an object ("<bucket>/<path>") uploaded or added, None if absent."""
+        obj = self._objects.get(key)
+        return None if obj is None else obj[0]
+
+    def _api_role(self, request: web.Request) -> str | web.Response:
+        """The caller's role from `Authorization: Bearer`, or Storage's error answer."""
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return _storage_error("400", "InvalidJWT", "Authorization header is missing")
+        if token == self.secret_key:
+            return "service_role"
+        try:
+            claims = jwt.decode(
+                token, self.jwt_secret, algorithms=["HS256"], options={"verify_aud": False}
+            )
+        except jwt.ExpiredSignatureError:
+            return _storage_error("400", "InvalidJWT", '"exp" claim timestamp check failed')
+        except jwt.InvalidTokenError:
+            return _storage_error("400", "InvalidJWT", "signature verification failed")
+        return str(claims.get("role") or "anon")
+
+    def _api_key(self, request: web.Request) -> tuple[str, str, str] | web.Response:
+        key = unquote(request.match_info["key"])
+        bucket, _, path = key.partition("/")
+        if bucket not in self.buckets:
+            return _storage_error("404", "Bucket not found", "Bucket not found")
+        if not path or path.endswith("/") or "//" in path or ".." in path.split("/"):
+            return _storage_error("400", "InvalidKey", f"Invalid key: {path}")
+        return key, bucket, path
+
+    async def _handle_upload(self, request: web.Request) -> web.Response:
+        found = self._api_key(request)
+        if isinstance(found, web.Response):
+            return found
+        key, _, _ = found
+        upsert = request.headers.get("x-upsert", "").lower() == "true"
+        rec = Upload(key, upsert)
+        self.uploads.append(rec)
+        self.upload_started.set()
+        if self.upload_gate is not None:
+            await self.upload_gate.wait()
+        role = self._api_role(request)
+        if isinstance(role, web.Response):
+            rec.status = "400"
+            return role
+        if role != "service_role":
+            rec.status = "403"
+            return _storage_error(
+                "403", "Unauthorized", "new row violates row-level security policy"
+            )
+        if key in self._objects and not upsert:
+            rec.status = "409"
+            return _storage_error("409", "Duplicate", "The resource already exists")
+        sha = hashlib.sha256()
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_chunked(_CHUNK):
+            size += len(chunk)
+            if size > self.file_size_limit:
+                rec.status = "413"
+                return _storage_error(
+                    "413", "Payload too large", "The object exceeded the maximum allowed size"
+                )
+            sha.update(chunk)
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        if key in self._objects and not upsert:  # another upload won the race meanwhile
+            rec.status = "409"
+            return _storage_error("409", "Duplicate", "The resource already exists")
+        self._objects[key] = (data, f'"{sha.hexdigest()[:32]}"', time.time())
+        rec.status, rec.size = "200", size
+        return web.json_response({"Key": key, "Id": str(uuid.uuid4())})
+
+    async def _handle_api_sign(self, request: web.Request) -> web.Response:
+        found = self._api_key(request)
+        if isinstance(found, web.Response):
+            return found
+        key, bucket, path = found
+        role = self._api_role(request)
+        if isinstance(role, web.Response):
+            return role
+        try:
+            body = await request.json()
+        except ValueError:
+            return _storage_error("400", "InvalidRequest", "body must be JSON")
+        expires = body.get("expiresIn") if isinstance(body, dict) else None
+        if not isinstance(expires, int) or isinstance(expires, bool) or expires < 1:
+            return _storage_error(
+                "400", "InvalidRequest", "body/expiresIn must be >= 1", code="InvalidRequest"
+            )
+        # Signing looks the object up under the caller's RLS: no policy, nothing visible.
+        if role != "service_role" or self._lookup(key) is None:
+            return _storage_error("404", "not_found", "Object not found", code="NoSuchKey")
+        self.signs.append(key)
+        token = self.sign(path, expires_in=expires, bucket=bucket)
+        return web.json_response(
+            {"signedURL": f"/object/sign/{quote(bucket)}/{quote(path)}?token={token}"}
+        )
+
 
 def _read_at(fh: Any, pos: int, n: int) -> bytes:
     fh.seek(pos)
@@ -405,6 +560,17 @@ def _error(
         status=status,
         headers=headers,
     )
+
+
+def _storage_error(
+    status_code: str, error: str, message: str, *, code: str | None = None
+) -> web.Response:
+    """Storage's answer to a renderable error: HTTP 400 whatever the real status, which is
+    the body's statusCode string (StorageBackendError.userStatusCode, error-handler.ts)."""
+    body = {"statusCode": status_code, "error": error, "message": message}
+    if code is not None:
+        body["code"] = code
+    return web.json_response(body, status=400)
 
 
 class _UnsatisfiableError(Exception):
@@ -468,6 +634,8 @@ async def _serve_forever(args: argparse.Namespace) -> None:
         port=args.port,
         bucket=args.bucket,
         public_url=args.public_url,
+        buckets=args.create_bucket,
+        jwt_secret=args.jwt_secret,
     )
     async with server:
         log.info(
@@ -507,6 +675,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="print a signed URL for PATH on startup (repeatable)",
     )
     p.add_argument("--expires-in", type=float, default=3600)
+    p.add_argument("--jwt-secret", default=None, help="the project JWT secret API tokens use")
+    p.add_argument(
+        "--create-bucket", action="append", default=[], metavar="NAME", help="(repeatable)"
+    )
     args = p.parse_args(argv)
     if args.dir is not None and not args.dir.is_dir():
         p.error(f"--dir {args.dir} is not a directory")
