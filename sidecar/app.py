@@ -255,14 +255,14 @@ class Sidecar:
 
     async def _after_hydrate(self, c: Components) -> None:
         settings = self.settings
-        if not settings.after_hydrate:
+        if not settings.process.after_hydrate:
             return
         status = await hooks_mod.run_after_hydrate(
-            settings.after_hydrate,
+            settings.process.after_hydrate,
             settings.project_dir,
             build_child_env(os.environ),
             reaper=c.reaper,
-            stop_grace=settings.stop_grace,
+            stop_grace=settings.process.stop_grace,
         )
         if status != 0:
             c.health.last_error = f"SIDECAR_AFTER_HYDRATE exited with status {status}"

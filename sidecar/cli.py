@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 import structlog
 
 from sidecar import __version__
-from sidecar.config import Settings
+from sidecar.config import VARIABLES, Settings
 from sidecar.errors import ExitCode, SidecarError, environment_fault
 from sidecar.log import configure_logging
 from sidecar.process.identity import make_non_dumpable
@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="sidecar",
         description="Hydrate a project from a signed snapshot and keep it in sync over "
         "Supabase Realtime. Configuration comes from the environment (see README).",
+        epilog=_environment_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"sidecar {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -75,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the stack and the sidecar running until Ctrl-C",
     )
     return p
+
+
+def _environment_help() -> str:
+    width = max(len(v.name) for v in VARIABLES)
+    lines = [f"  {v.name:<{width}}  {v.doc}" for v in VARIABLES]
+    return "environment variables (see README, Configuration):\n" + "\n".join(lines)
 
 
 # One-shot commands whose process ends with the command: once it has returned, the state DB is

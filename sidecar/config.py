@@ -1,4 +1,11 @@
-"""Settings read from the environment, validated up front; the only reader of os.environ."""
+"""Settings read from the environment, validated up front; the only reader of os.environ.
+
+Every variable is one row of `VARIABLES`: its name, where its value goes (a field of `Settings`
+or of one of its slices, `section.field`), how its text is parsed, and one line of help. A
+variable that is unset (or empty) keeps the dataclass field's default, so each default is
+written once, on its field. Adding a variable is a field plus a row (and a README line: a test
+checks that the README's configuration table names every row).
+"""
 
 from __future__ import annotations
 
@@ -7,22 +14,25 @@ import binascii
 import json
 import re
 import shlex
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from sidecar.errors import ConfigError
 from sidecar.redact import Secret, register_secret
 
 __all__ = [
+    "VARIABLES",
     "HttpSettings",
     "Limits",
+    "ProcessSettings",
     "RealtimeSettings",
     "Settings",
     "SnapshotSettings",
-    "SyncSettings",
+    "TwoWaySettings",
+    "Var",
     "jwt_claims",
 ]
 
@@ -86,7 +96,7 @@ class RealtimeSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class SyncSettings:
+class TwoWaySettings:
     """Two-way sync: upstream pushes, conflict policy and watcher patterns."""
 
     upstream: Literal["none", "rpc"] = "none"
@@ -115,135 +125,312 @@ class HttpSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ProcessSettings:
+    """The child and the hook commands."""
+
+    after_hydrate: tuple[str, ...] = ()
+    on_change: tuple[tuple[str, str], ...] = ()  # (glob, action): "restart" or a command
+    restart_child: bool = False
+    stop_grace: float = 10.0
+    child_user: str | None = None  # unset = "app" when started as root
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the sidecar reads from its environment."""
 
     project_id: str = "local"
     session_id: str = "local"
     project_dir: Path = Path("/app/project")
-    state_dir: Path = Path("/app/project/.sidecar")
+    state_dir: Path = Path("/app/project/.sidecar")  # from_env: PROJECT_DIR/.sidecar
     write_mode: WriteMode = "atomic"
     limits: Limits = field(default_factory=Limits)
     snapshot: SnapshotSettings = field(default_factory=SnapshotSettings)
     realtime: RealtimeSettings = field(default_factory=RealtimeSettings)
-    sync: SyncSettings = field(default_factory=SyncSettings)
+    twoway: TwoWaySettings = field(default_factory=TwoWaySettings)
     http: HttpSettings = field(default_factory=HttpSettings)
-    log_format: LogFormat = "json"
+    process: ProcessSettings = field(default_factory=ProcessSettings)
+    log_format: LogFormat = "json"  # from_env: console when stdout is a TTY
     log_level: str = "info"
-    after_hydrate: tuple[str, ...] = ()
-    on_change: tuple[
-        tuple[str, str], ...
-    ] = ()  # (glob, action) where action is "restart" or a command
-    restart_child: bool = False
-    stop_grace: float = 10.0
-    child_user: str | None = None  # SIDECAR_CHILD_USER; unset = "app" when started as root
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, isatty: bool = False) -> Settings:
         """Parse and validate; raise one ConfigError listing every problem."""
-        p = _Parser(env)
-        _refuse_service_role(env, p.problems)
-        project_id = p.text("PROJECT_ID", "local")
-        project_dir = Path(p.text("PROJECT_DIR", "/app/project")).absolute()
-        state_dir = Path(p.text("SIDECAR_STATE_DIR", str(project_dir / ".sidecar"))).absolute()
-        url = p.text("SNAPSHOT_URL", "") or None
-        if url is not None and urlsplit(url).scheme not in {"http", "https", "file"}:
-            p.problems.append("SNAPSHOT_URL must be an http(s) URL")
-        sha = p.text("SNAPSHOT_SHA256", "").lower() or None
-        if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
-            p.problems.append("SNAPSHOT_SHA256 must be 64 hex digits")
-        token = p.text("REALTIME_TOKEN", "") or None
-        token_file = p.text("REALTIME_TOKEN_FILE", "") or None
-        if token is None and token_file is not None:
+        problems: list[str] = []
+        _refuse_service_role(env, problems)
+        values: dict[str, dict[str, Any]] = {section: {} for section in _SECTIONS}
+        for var in VARIABLES:
+            raw = env.get(var.name)
+            if raw is None or (not raw.strip() and not var.parse_empty):
+                continue  # the field's default
             try:
-                token = Path(token_file).read_text().strip() or None
-            except OSError as exc:
-                p.problems.append(f"REALTIME_TOKEN_FILE cannot be read: {exc.strerror}")
-        if token is not None:
-            claims = jwt_claims(token)
-            if claims.get("role") == "service_role":
-                p.problems.append(
-                    "REALTIME_TOKEN has role service_role; refusing to start "
-                    "with a key that can read every project"
-                )
-        rt_url = p.text("REALTIME_URL", "") or None
-        if rt_url is not None and urlsplit(rt_url).scheme not in {"http", "https", "ws", "wss"}:
-            p.problems.append("REALTIME_URL must be an http(s):// or ws(s):// URL")
-        apikey = p.text("REALTIME_APIKEY", "") or None
-        for secret in (url, token, apikey):
-            register_secret(secret)
-        if url is not None:
-            register_secret(urlsplit(url).query)
-        http_addr = p.text("SIDECAR_HTTP_ADDR", "0.0.0.0:8787")
-        http = HttpSettings(port=None)
-        if http_addr not in {"", "off", "none"}:
-            host, _, port_s = http_addr.rpartition(":")
-            if not port_s.isdigit() or int(port_s) > 65535:
-                p.problems.append(f"SIDECAR_HTTP_ADDR must be host:port, got {http_addr!r}")
-            else:
-                http = HttpSettings(host=host.strip("[]") or "0.0.0.0", port=int(port_s))
-        on_change: list[tuple[str, str]] = []
-        for rule in filter(None, (r.strip() for r in p.text("SIDECAR_ON_CHANGE", "").split(";"))):
-            glob, sep, action = rule.partition("=")
-            if not sep or not glob.strip() or not action.strip():
-                p.problems.append(f"SIDECAR_ON_CHANGE rule must be GLOB=ACTION, got {rule!r}")
-            else:
-                on_change.append((glob.strip(), action.strip()))
-        ignore_extra = tuple(x for x in p.text("SIDECAR_IGNORE", "").split(",") if x.strip())
-        settings = cls(
-            project_id=project_id,
-            session_id=p.text("SESSION_ID", "local"),
-            project_dir=project_dir,
-            state_dir=state_dir,
-            write_mode=p.choice("SIDECAR_WRITE_MODE", ("atomic", "inplace"), "atomic"),  # type: ignore[arg-type]
-            limits=Limits(
-                max_bytes=p.size("SIDECAR_MAX_BYTES"),
-                max_files=p.integer("SIDECAR_MAX_FILES", 0),
-                max_file_bytes=p.size("SIDECAR_MAX_FILE_BYTES"),
-            ),
-            snapshot=SnapshotSettings(
-                url=Secret(url) if url else None,
-                sha256=sha,
-                retries=p.integer("SIDECAR_SNAPSHOT_RETRIES", 8),
-                backoff_initial=p.seconds("SIDECAR_BACKOFF_INITIAL", 0.25),
-                backoff_max=p.seconds("SIDECAR_BACKOFF_MAX", 10.0),
-                read_timeout=p.seconds("SIDECAR_READ_TIMEOUT", 30.0),
-                request_wait=p.seconds("SIDECAR_SNAPSHOT_REQUEST_WAIT", 60.0),
-            ),
-            realtime=RealtimeSettings(
-                url=rt_url,
-                apikey=Secret(apikey) if apikey else None,
-                token=Secret(token) if token else None,
-                token_file=Path(token_file) if token_file else None,
-                topic=f"project:{project_id}",
-                heartbeat_window=p.seconds("SIDECAR_HEARTBEAT_WINDOW", 60.0),
-                rebuild_backoff_initial=p.seconds("SIDECAR_REBUILD_BACKOFF", 0.5),
-                auth_fail_window=p.seconds("SIDECAR_AUTH_FAIL_WINDOW", 120.0),
-            ),
-            sync=SyncSettings(
-                upstream=p.choice("SIDECAR_UPSTREAM", ("none", "rpc"), "none"),  # type: ignore[arg-type]
-                supabase_url=p.text("SUPABASE_URL", "") or None,
-                conflict=p.choice(
-                    "SIDECAR_CONFLICT", ("remote-wins", "local-wins", "merge"), "remote-wins"
-                ),  # type: ignore[arg-type]
-                ignore=SyncSettings().ignore + ignore_extra,
-                local_changes=p.flag("SIDECAR_LOCAL_CHANGES", True),
-                accept_client_events=p.flag("SIDECAR_ACCEPT_CLIENT_EVENTS", False),
-            ),
-            http=http,
-            log_format=p.choice("LOG_FORMAT", ("json", "console"), "console" if isatty else "json"),  # type: ignore[arg-type]
-            log_level=p.choice("LOG_LEVEL", ("debug", "info", "warning", "error"), "info"),
-            after_hydrate=tuple(shlex.split(p.text("SIDECAR_AFTER_HYDRATE", ""))),
-            on_change=tuple(on_change),
-            restart_child=p.flag("SIDECAR_RESTART_CHILD", False),
-            stop_grace=p.seconds("SIDECAR_STOP_GRACE", 10.0),
-            child_user=p.text("SIDECAR_CHILD_USER", "") or None,
+                value = var.parse(raw.strip())
+            except ValueError as exc:
+                problems.append(f"{var.name} {exc}")
+                continue
+            section, _, name = var.field.rpartition(".")
+            values[section][name] = value
+        top, realtime = values[""], values["realtime"]
+        # Defaults that depend on another value or on the terminal.
+        project_dir = top.setdefault("project_dir", _default("", "project_dir"))
+        top.setdefault("state_dir", project_dir / ".sidecar")
+        top.setdefault("log_format", "console" if isatty else "json")
+        realtime["topic"] = f"project:{top.get('project_id', _default('', 'project_id'))}"
+        _read_token(realtime, problems)
+        twoway = values["twoway"]
+        if twoway.get("upstream") == "rpc" and not twoway.get("supabase_url"):
+            problems.append("SIDECAR_UPSTREAM=rpc needs SUPABASE_URL")
+        if problems:
+            raise ConfigError(problems)
+        # A slice given whole (SIDECAR_HTTP_ADDR -> http) is not built from its fields.
+        slices = {s: _SECTIONS[s](**v) for s, v in values.items() if s and s not in top}
+        return cls(**top, **slices)
+
+
+# -- parsers: text -> value, or ValueError with the rest of the one-line reason --
+
+
+def _text(raw: str) -> str:
+    return raw
+
+
+def _absolute(raw: str) -> Path:
+    return Path(raw).absolute()
+
+
+def _path(raw: str) -> Path:
+    return Path(raw)
+
+
+def _integer(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"must be an integer, got {raw!r}") from None
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw.removesuffix("s"))
+    except ValueError:
+        raise ValueError(f"must be a number of seconds, got {raw!r}") from None
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _size(raw: str) -> int:
+    m = _SIZE.match(raw)
+    if not m:
+        raise ValueError(f"must be a size such as 500MB or 2GiB, got {raw!r}")
+    unit = (m.group(2) or "").lower().removesuffix("b")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def _flag(raw: str) -> bool:
+    low = raw.lower()
+    if low in {"1", "true", "yes", "on"}:
+        return True
+    if low in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"must be true or false, got {low!r}")
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        low = raw.lower()
+        if low not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}, got {low!r}")
+        return low
+
+    return parse
+
+
+def _secret(raw: str) -> Secret:
+    register_secret(raw)
+    return Secret(raw)
+
+
+def _snapshot_url(raw: str) -> Secret:
+    if urlsplit(raw).scheme not in {"http", "https", "file"}:
+        raise ValueError("must be an http(s) URL")
+    register_secret(urlsplit(raw).query)  # the signature, also when logged apart from the URL
+    return _secret(raw)
+
+
+def _sha256(raw: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{64}", raw.lower()):
+        raise ValueError("must be 64 hex digits")
+    return raw.lower()
+
+
+def _realtime_url(raw: str) -> str:
+    if urlsplit(raw).scheme not in {"http", "https", "ws", "wss"}:
+        raise ValueError("must be an http(s):// or ws(s):// URL")
+    return raw
+
+
+def _http_addr(raw: str) -> HttpSettings:
+    if raw in {"", "off", "none"}:
+        return HttpSettings(port=None)
+    host, _, port = raw.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"must be host:port, got {raw!r}")
+    return HttpSettings(host=host.strip("[]") or "0.0.0.0", port=int(port))
+
+
+def _ignore(raw: str) -> tuple[str, ...]:
+    base: tuple[str, ...] = _default("twoway", "ignore")
+    return base + tuple(x for x in raw.split(",") if x.strip())
+
+
+def _argv(raw: str) -> tuple[str, ...]:
+    return tuple(shlex.split(raw))  # ValueError on unbalanced quotes
+
+
+def _on_change(raw: str) -> tuple[tuple[str, str], ...]:
+    rules: list[tuple[str, str]] = []
+    for rule in filter(None, (r.strip() for r in raw.split(";"))):
+        glob, sep, action = rule.partition("=")
+        if not sep or not glob.strip() or not action.strip():
+            raise ValueError(f"rule must be GLOB=ACTION, got {rule!r}")
+        rules.append((glob.strip(), action.strip()))
+    return tuple(rules)
+
+
+@dataclass(frozen=True, slots=True)
+class Var:
+    """One environment variable: where its value goes, how it is parsed, one line of help.
+
+    field: a `Settings` field, or `section.field` of one of its slices.
+    parse_empty: an empty value is parsed (SIDECAR_HTTP_ADDR="" turns the listener off)
+        instead of meaning "unset".
+    """
+
+    name: str
+    field: str
+    parse: Callable[[str], Any]
+    doc: str
+    parse_empty: bool = False
+
+    @property
+    def default(self) -> object:
+        """The field's default (what an unset variable means)."""
+        section, _, name = self.field.rpartition(".")
+        return _default(section, name)
+
+
+def _default(section: str, name: str) -> Any:
+    """The default of a field of Settings ("" section) or of one of its slices."""
+    f = next(f for f in fields(_SECTIONS[section]) if f.name == name)
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+VARIABLES: tuple[Var, ...] = (
+    Var("PROJECT_ID", "project_id", _text, "the project; the channel is project:{PROJECT_ID}"),
+    Var("SESSION_ID", "session_id", _text, "this preview's session, on every log line and metric"),
+    Var("PROJECT_DIR", "project_dir", _absolute, "where the files live"),
+    Var(
+        "SIDECAR_STATE_DIR",
+        "state_dir",
+        _absolute,
+        "the sidecar's own state (PROJECT_DIR/.sidecar)",
+    ),
+    Var("SIDECAR_WRITE_MODE", "write_mode", _choice("atomic", "inplace"), "atomic or inplace"),
+    Var("SIDECAR_MAX_BYTES", "limits.max_bytes", _size, "quota: total bytes (0 = none)"),
+    Var("SIDECAR_MAX_FILES", "limits.max_files", _integer, "quota: files (0 = none)"),
+    Var("SIDECAR_MAX_FILE_BYTES", "limits.max_file_bytes", _size, "largest file (0 = none)"),
+    Var("SNAPSHOT_URL", "snapshot.url", _snapshot_url, "signed URL of the snapshot"),
+    Var("SNAPSHOT_SHA256", "snapshot.sha256", _sha256, "sha256 of the compressed snapshot"),
+    Var("SIDECAR_SNAPSHOT_RETRIES", "snapshot.retries", _integer, "download attempts"),
+    Var("SIDECAR_BACKOFF_INITIAL", "snapshot.backoff_initial", _seconds, "first retry wait"),
+    Var("SIDECAR_BACKOFF_MAX", "snapshot.backoff_max", _seconds, "longest retry wait"),
+    Var("SIDECAR_READ_TIMEOUT", "snapshot.read_timeout", _seconds, "download read timeout"),
+    Var(
+        "SIDECAR_SNAPSHOT_REQUEST_WAIT",
+        "snapshot.request_wait",
+        _seconds,
+        "wait for snapshot:ready after snapshot:request",
+    ),
+    Var("REALTIME_URL", "realtime.url", _realtime_url, "Realtime endpoint; unset = no live sync"),
+    Var("REALTIME_APIKEY", "realtime.apikey", _secret, "the anon/publishable key"),
+    Var("REALTIME_TOKEN", "realtime.token", _secret, "the scoped JWT"),
+    Var("REALTIME_TOKEN_FILE", "realtime.token_file", _path, "a file holding the scoped JWT"),
+    Var(
+        "SIDECAR_HEARTBEAT_WINDOW",
+        "realtime.heartbeat_window",
+        _seconds,
+        "a channel silent this long is rebuilt",
+    ),
+    Var(
+        "SIDECAR_REBUILD_BACKOFF",
+        "realtime.rebuild_backoff_initial",
+        _seconds,
+        "first wait before rebuilding a dead channel",
+    ),
+    Var(
+        "SIDECAR_AUTH_FAIL_WINDOW",
+        "realtime.auth_fail_window",
+        _seconds,
+        "token refusals this long without a newer token exit 77",
+    ),
+    Var("SIDECAR_UPSTREAM", "twoway.upstream", _choice("none", "rpc"), "rpc pushes local changes"),
+    Var("SUPABASE_URL", "twoway.supabase_url", _text, "the project's API root for the RPCs"),
+    Var(
+        "SIDECAR_CONFLICT",
+        "twoway.conflict",
+        _choice("remote-wins", "local-wins", "merge"),
+        "conflict policy",
+    ),
+    Var("SIDECAR_IGNORE", "twoway.ignore", _ignore, "extra comma-separated ignore patterns"),
+    Var("SIDECAR_LOCAL_CHANGES", "twoway.local_changes", _flag, "watch for local changes"),
+    Var(
+        "SIDECAR_ACCEPT_CLIENT_EVENTS",
+        "twoway.accept_client_events",
+        _flag,
+        "also apply events without meta.id (weaker)",
+    ),
+    Var("SIDECAR_HTTP_ADDR", "http", _http_addr, "health listener host:port, off", True),
+    Var("SIDECAR_AFTER_HYDRATE", "process.after_hydrate", _argv, "command before the child"),
+    Var("SIDECAR_ON_CHANGE", "process.on_change", _on_change, "GLOB=ACTION;... hooks"),
+    Var("SIDECAR_RESTART_CHILD", "process.restart_child", _flag, "restart a child that exits"),
+    Var("SIDECAR_STOP_GRACE", "process.stop_grace", _seconds, "SIGTERM to SIGKILL, seconds"),
+    Var("SIDECAR_CHILD_USER", "process.child_user", _text, "user of the child when root"),
+    Var("LOG_FORMAT", "log_format", _choice("json", "console"), "json or console"),
+    Var("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"), "log level"),
+)
+
+_SECTIONS: dict[str, type] = {
+    "": Settings,
+    "limits": Limits,
+    "snapshot": SnapshotSettings,
+    "realtime": RealtimeSettings,
+    "twoway": TwoWaySettings,
+    "http": HttpSettings,
+    "process": ProcessSettings,
+}
+
+
+def _read_token(realtime: dict[str, Any], problems: list[str]) -> None:
+    """REALTIME_TOKEN_FILE's token when REALTIME_TOKEN is not set; refuse a service_role one."""
+    token_file = realtime.get("token_file")
+    if realtime.get("token") is None and token_file is not None:
+        try:
+            text = token_file.read_text().strip()
+        except OSError as exc:
+            problems.append(f"REALTIME_TOKEN_FILE cannot be read: {exc.strerror}")
+        else:
+            if text:
+                realtime["token"] = _secret(text)
+    token = realtime.get("token")
+    if token is not None and jwt_claims(str(token)).get("role") == "service_role":
+        problems.append(
+            "REALTIME_TOKEN has role service_role; refusing to start "
+            "with a key that can read every project"
         )
-        if settings.sync.upstream == "rpc" and not settings.sync.supabase_url:
-            p.problems.append("SIDECAR_UPSTREAM=rpc needs SUPABASE_URL")
-        if p.problems:
-            raise ConfigError(p.problems)
-        return settings
 
 
 def jwt_claims(token: str) -> dict[str, object]:
@@ -271,69 +458,3 @@ def _refuse_service_role(env: Mapping[str, str], problems: list[str]) -> None:
             and jwt_claims(value).get("role") == "service_role"
         ):
             problems.append(f"{name} is a service_role key; use the anon/publishable key")
-
-
-class _Parser:
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-        self.problems: list[str] = []
-
-    def text(self, name: str, default: str) -> str:
-        return self.env.get(name, default).strip()
-
-    def integer(self, name: str, default: int) -> int:
-        raw = self.env.get(name, "").strip()
-        if not raw:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            self.problems.append(f"{name} must be an integer, got {raw!r}")
-            return default
-        if value < 0:
-            self.problems.append(f"{name} must not be negative")
-        return value
-
-    def seconds(self, name: str, default: float) -> float:
-        raw = self.env.get(name, "").strip()
-        if not raw:
-            return default
-        try:
-            value = float(raw.removesuffix("s"))
-        except ValueError:
-            self.problems.append(f"{name} must be a number of seconds, got {raw!r}")
-            return default
-        if value < 0:
-            self.problems.append(f"{name} must not be negative")
-        return value
-
-    def size(self, name: str) -> int:
-        raw = self.env.get(name, "").strip()
-        if not raw:
-            return 0
-        m = _SIZE.match(raw)
-        if not m:
-            self.problems.append(f"{name} must be a size such as 500MB or 2GiB, got {raw!r}")
-            return 0
-        unit = (m.group(2) or "").lower().removesuffix("b")
-        return int(float(m.group(1)) * _SIZE_UNITS[unit])
-
-    def flag(self, name: str, default: bool) -> bool:
-        raw = self.env.get(name, "").strip().lower()
-        if not raw:
-            return default
-        if raw in {"1", "true", "yes", "on"}:
-            return True
-        if raw in {"0", "false", "no", "off"}:
-            return False
-        self.problems.append(f"{name} must be true or false, got {raw!r}")
-        return default
-
-    def choice(self, name: str, allowed: tuple[str, ...], default: str) -> str:
-        raw = self.env.get(name, "").strip().lower()
-        if not raw:
-            return default
-        if raw not in allowed:
-            self.problems.append(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
-            return default
-        return raw

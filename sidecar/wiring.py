@@ -233,20 +233,20 @@ def build(
     """
     metrics = Metrics(settings.project_id, settings.session_id)
     metrics.quota_bytes.set(settings.limits.max_bytes)
-    child_user = resolve_child_user(settings.child_user)
+    child_user = resolve_child_user(settings.process.child_user)
     state = StateStore(settings.state_dir)
     reaper = Reaper()
     env = build_child_env(os.environ)
     child = _child(settings, cmd, env, reaper, metrics)
     hooks: OnChangeHooks | NoHooks = NoHooks()
-    if settings.on_change:
+    if settings.process.on_change:
         hooks = OnChangeHooks(
-            settings.on_change,
+            settings.process.on_change,
             settings.project_dir,
             env,
             on_restart=child.restart,
             reaper=reaper,
-            stop_grace=settings.stop_grace,
+            stop_grace=settings.process.stop_grace,
         )
     live: Live | NoLive = NoLive()
     local: LocalChanges | NoLocalChanges = NoLocalChanges()
@@ -276,7 +276,7 @@ def build(
         send = reporter.send if reporter is not None else sub.send
         link: ChannelLink = sub if reporter is None else _RpcLink(sub, reporter)
         local_sync: LocalSync | None = None
-        if settings.sync.local_changes:
+        if settings.twoway.local_changes:
             # LocalSync shares the Applier's lock; the Applier calls back into it under that lock.
             async def before_publish(changes: Sequence[FileChange]) -> None:
                 assert local_sync is not None
@@ -291,7 +291,7 @@ def build(
                 send=send,
                 upstream=_upstream(settings, tokens, http),
             )
-            local = LocalChanges(local_sync, settings.sync.ignore)
+            local = LocalChanges(local_sync, settings.twoway.ignore)
         else:
             applier = _applier(settings, state, metrics, http, before_publish=None)
 
@@ -314,7 +314,7 @@ def build(
             session_id=settings.session_id,
             on_applied=on_applied,
             tuning=SyncTuning(request_wait=settings.snapshot.request_wait),
-            accept_client_events=settings.sync.accept_client_events,
+            accept_client_events=settings.twoway.accept_client_events,
         )
         live = Live(tokens, sub, engine)
 
@@ -369,10 +369,10 @@ def _applier(
 def _reporter(
     settings: Settings, tokens: TokenSource, http: aiohttp.ClientSession
 ) -> Upstream | None:
-    if not settings.sync.supabase_url:
+    if not settings.twoway.supabase_url:
         return None
     return Upstream(
-        settings.sync.supabase_url,
+        settings.twoway.supabase_url,
         settings.project_id,
         apikey=settings.realtime.apikey or "",
         token=lambda: tokens.current,
@@ -400,10 +400,10 @@ class _RpcLink:
 def _upstream(
     settings: Settings, tokens: TokenSource, http: aiohttp.ClientSession
 ) -> Upstream | None:
-    if settings.sync.upstream != "rpc" or not settings.sync.supabase_url:
+    if settings.twoway.upstream != "rpc" or not settings.twoway.supabase_url:
         return None
     return Upstream(
-        settings.sync.supabase_url,
+        settings.twoway.supabase_url,
         settings.project_id,
         apikey=settings.realtime.apikey or "",
         token=lambda: tokens.current,
@@ -422,9 +422,11 @@ def _child(
         return NoChild()
 
     def factory() -> ChildProcess:
-        return ChildProcess(cmd, settings.project_dir, env, settings.stop_grace, reaper=reaper)
+        return ChildProcess(
+            cmd, settings.project_dir, env, settings.process.stop_grace, reaper=reaper
+        )
 
-    return Supervisor(factory, metrics, restart=settings.restart_child)
+    return Supervisor(factory, metrics, restart=settings.process.restart_child)
 
 
 def _refresh_status(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from sidecar.config import Settings, jwt_claims
+from sidecar.config import VARIABLES, Settings, jwt_claims
 from sidecar.errors import ConfigError, ExitCode
 
 
@@ -25,7 +27,7 @@ def test_defaults_follow_the_contract() -> None:
     assert s.project_dir == Path("/app/project")
     assert s.state_dir == Path("/app/project/.sidecar")
     assert s.write_mode == "atomic"
-    assert s.sync.conflict == "remote-wins"
+    assert s.twoway.conflict == "remote-wins"
     assert s.http.port == 8787
     assert s.log_format == "json"
 
@@ -117,7 +119,7 @@ def test_unreadable_token_file_is_a_config_error(tmp_path: Path) -> None:
 def test_on_change_rules_parse() -> None:
     """SIDECAR_ON_CHANGE is a ;-separated list of GLOB=ACTION rules."""
     s = Settings.from_env({"SIDECAR_ON_CHANGE": "package.json=npm install; *.env=restart"})
-    assert s.on_change == (("package.json", "npm install"), ("*.env", "restart"))
+    assert s.process.on_change == (("package.json", "npm install"), ("*.env", "restart"))
     with pytest.raises(ConfigError, match="GLOB=ACTION"):
         Settings.from_env({"SIDECAR_ON_CHANGE": "justaglob"})
 
@@ -126,3 +128,65 @@ def test_jwt_claims_of_garbage_is_empty() -> None:
     """Non-JWT strings have no claims rather than raising."""
     assert jwt_claims("potato") == {}
     assert jwt_claims("a.b.c") == {}
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_variables() -> set[str]:
+    """The backticked names in the first column of the README's configuration table."""
+    text = README.read_text()
+    section = text.split("### Configuration (environment)", 1)[1].split("\n\n", 2)[1]
+    names: set[str] = set()
+    for row in section.splitlines()[2:]:
+        first = row.split("|")[1]
+        names.update(re.findall(r"`([A-Z][A-Z0-9_]+)`", first))
+    return names
+
+
+def test_readme_configuration_table_lists_every_variable() -> None:
+    """Every row of VARIABLES is in the README's table, and the table names nothing else."""
+    assert {v.name for v in VARIABLES} == _readme_variables()
+
+
+def test_every_variable_targets_a_field_and_its_default_is_the_fields() -> None:
+    """A row's field exists, and an unset variable leaves that field's default (written once)."""
+    assert len({v.name for v in VARIABLES}) == len(VARIABLES)
+    settings = Settings()
+    for var in VARIABLES:
+        section, _, name = var.field.rpartition(".")
+        owner = getattr(settings, section) if section else settings
+        assert name in {f.name for f in fields(owner)}, var
+        assert var.default == getattr(owner, name), var
+
+
+def test_an_empty_variable_is_an_unset_one_except_http_addr() -> None:
+    """SIDECAR_STOP_GRACE="" keeps the default; SIDECAR_HTTP_ADDR="" turns the listener off."""
+    s = Settings.from_env({"SIDECAR_STOP_GRACE": "", "SIDECAR_MAX_FILES": " "})
+    assert s.process.stop_grace == 10.0
+    assert s.limits.max_files == 0
+    assert Settings.from_env({"SIDECAR_HTTP_ADDR": ""}).http.port is None
+
+
+def test_every_bad_value_is_reported_at_once() -> None:
+    """One ConfigError names every variable that failed to parse."""
+    env = {
+        "SIDECAR_SNAPSHOT_RETRIES": "many",
+        "SIDECAR_BACKOFF_MAX": "-1",
+        "SIDECAR_HEARTBEAT_WINDOW": "soon",
+        "SIDECAR_AFTER_HYDRATE": "npm 'ci",
+    }
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    for name in env:
+        assert name in str(info.value)
+
+
+def test_cli_help_lists_every_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    """`sidecar --help` ends with the variables, from the same table."""
+    from sidecar.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(f"  {v.name} " in out for v in VARIABLES)

@@ -43,7 +43,7 @@ from typing import Any, Literal
 import aiohttp
 import structlog
 
-from sidecar.config import ConflictPolicy, Limits, Settings, SyncSettings
+from sidecar.config import ConflictPolicy, Limits, Settings, TwoWaySettings
 from sidecar.errors import SidecarError
 from sidecar.live.events import DeltaEvent, FileChange
 from sidecar.metrics import Metrics
@@ -270,7 +270,7 @@ class LocalSync:
         retry_interval: float = 30.0,
         max_listed_conflicts: int = 100,
         http: aiohttp.ClientSession | None = None,
-        ignore: Iterable[str] = SyncSettings().ignore,
+        ignore: Iterable[str] = TwoWaySettings().ignore,
     ) -> None:
         if policy not in ("remote-wins", "local-wins", "merge"):
             raise ValueError(f"unknown conflict policy {policy!r}")
@@ -326,13 +326,13 @@ class LocalSync:
             metrics,
             lock=lock,
             limits=settings.limits,
-            policy=settings.sync.conflict,
+            policy=settings.twoway.conflict,
             project_id=settings.project_id,
             session_id=settings.session_id,
             send=send,
             upstream=upstream,
             write_mode=settings.write_mode,
-            ignore=settings.sync.ignore,
+            ignore=settings.twoway.ignore,
         )
 
     def watcher(self, **kwargs: Any) -> Watcher:

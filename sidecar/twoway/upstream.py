@@ -129,11 +129,11 @@ class Upstream:
         Raises:
             ConfigError: SUPABASE_URL is not set.
         """
-        if not settings.sync.supabase_url:
+        if not settings.twoway.supabase_url:
             raise ConfigError("SIDECAR_UPSTREAM=rpc needs SUPABASE_URL")
         apikey = str(settings.realtime.apikey) if settings.realtime.apikey else ""
         return cls(
-            settings.sync.supabase_url, settings.project_id, apikey=apikey, token=token, **kwargs
+            settings.twoway.supabase_url, settings.project_id, apikey=apikey, token=token, **kwargs
         )
 
     async def __aenter__(self) -> Self:

@@ -7,7 +7,7 @@ held, and the Applier writes a file and records its sha256 under that same lock,
 sidecar's own writes are never mistaken for local changes, however many arrive at once.
 
 Ignored: the state directory (`.sidecar`), the sidecar's temp files (`.*.sidecar-tmp-*`),
-editor swap/backup files, and the configured patterns (SyncSettings.ignore: node_modules, .git,
+editor swap/backup files, and the configured patterns (TwoWaySettings.ignore: node_modules, .git,
 dist, build caches...). Symlinks are never synced back.
 """
 
@@ -30,7 +30,7 @@ from typing import Literal
 import structlog
 import watchfiles
 
-from sidecar.config import SyncSettings
+from sidecar.config import TwoWaySettings
 from sidecar.tree import fsio
 from sidecar.tree.paths import STATE_DIR_NAME
 from sidecar.tree.state import FileState, StateStore
@@ -95,7 +95,10 @@ class IgnoreRules:
     """
 
     def __init__(
-        self, patterns: Iterable[str] = SyncSettings().ignore, *, extra_prefixes: Iterable[str] = ()
+        self,
+        patterns: Iterable[str] = TwoWaySettings().ignore,
+        *,
+        extra_prefixes: Iterable[str] = (),
     ) -> None:
         self.component: list[str] = [*EDITOR_TEMP_PATTERNS]
         self.anchored: list[str] = []
@@ -183,7 +186,7 @@ class Watcher:
         state: what the sidecar last synced (sha256 per path).
         lock: `Applier.lock`; held while a path is compared, so no write of ours is misread.
         state_dir: ignored when it lies inside project_dir (besides `.sidecar`).
-        ignore: SyncSettings.ignore patterns.
+        ignore: TwoWaySettings.ignore patterns.
         debounce_ms: how long a burst of events may be grouped before it is reported.
         step_ms: quiet time that ends a burst early.
         max_read: files above this size are hashed without being kept in memory (0: no cap).
@@ -199,7 +202,7 @@ class Watcher:
         *,
         lock: asyncio.Lock | None = None,
         state_dir: Path | None = None,
-        ignore: Iterable[str] = SyncSettings().ignore,
+        ignore: Iterable[str] = TwoWaySettings().ignore,
         debounce_ms: int = 50,
         step_ms: int = 10,
         max_read: int = 0,
