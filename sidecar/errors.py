@@ -1,4 +1,18 @@
-"""The SidecarError tree and the exit code each error maps to; imports nothing from sidecar."""
+"""The SidecarError tree and the exit code each error maps to; imports nothing from sidecar.
+
+Every error that crosses a module boundary is a SidecarError, defined here, so the exit codes
+(`ExitCode`, documented in the README) are read in one place. `cli.py` maps whatever reaches it
+to its `exit_code`; anything else is a bug (70). A few subclasses live next to the only code
+that raises them, and are listed here so the whole tree reads in one place:
+
+- `tree/state.py` StateStoreError(EnvironmentFaultError): the state database failed otherwise.
+- `tree/preflight.py` CrossDeviceStateError(ConfigError): state dir on another filesystem.
+- `live/apply.py` ResyncNeeded(SidecarError): control flow to the engine, never an exit.
+- `orch/storage.py` StorageError(SidecarError): a Storage API request failed.
+- `testing/postgres.py` PostgresUnavailableError(SidecarError): no PostgreSQL for the tests.
+
+`tests/test_errors.py` checks that this list stays complete.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +22,11 @@ from enum import IntEnum
 __all__ = [
     "ChildStartError",
     "ConfigError",
+    "ConflictError",
     "EnvironmentFaultError",
     "ExitCode",
     "HookFailedError",
+    "InvalidEventError",
     "NoSpaceError",
     "PermissionDeniedError",
     "QuotaExceededError",
@@ -20,7 +36,9 @@ __all__ = [
     "SnapshotExpiredError",
     "SnapshotInvalidError",
     "SnapshotUnavailableError",
+    "TarFormatError",
     "UnsafePathError",
+    "UpstreamError",
     "environment_fault",
 ]
 
@@ -79,6 +97,17 @@ class UnsafePathError(SnapshotInvalidError):
     """Raised for a path that is absolute, escapes the root, or is otherwise not allowed."""
 
 
+class TarFormatError(SnapshotInvalidError):
+    """Raised when the tar stream is malformed, truncated or uses an unsupported feature."""
+
+
+class InvalidEventError(SidecarError, ValueError):
+    """Raised for a malformed or unsafe delta event; the message is a one-line reason.
+
+    Never fatal in steady state: the engine counts the event as rejected and skips it.
+    """
+
+
 class QuotaExceededError(SidecarError):
     """Raised when a snapshot or change would exceed a configured limit."""
 
@@ -92,7 +121,11 @@ class RealtimeAuthError(SidecarError):
 
 
 class HookFailedError(SidecarError):
-    """Raised when SIDECAR_AFTER_HYDRATE fails; the sidecar exits with the hook's status."""
+    """Raised when SIDECAR_AFTER_HYDRATE fails; the sidecar exits with the hook's status.
+
+    `exit_code` is per instance: the hook's own status (126/127 when it could not be executed,
+    143/137 when it was stopped), so the container reports what the hook reported.
+    """
 
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
@@ -100,11 +133,52 @@ class HookFailedError(SidecarError):
 
 
 class ChildStartError(SidecarError, OSError):
-    """Raised when the child command cannot be executed."""
+    """Raised when the child command cannot be executed.
+
+    `exit_code` is per instance, as a shell reports it: CHILD_NOT_FOUND (127) when the command
+    does not exist, CHILD_NOT_EXECUTABLE (126) when it exists but cannot be run.
+    """
 
     def __init__(self, message: str, exit_code: ExitCode) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class UpstreamError(SidecarError):
+    """Raised when the database refuses a call (auth, bad request) or retries ran out.
+
+    `transient` is True when a later attempt may succeed (outage, timeouts, 5xx). Never an
+    exit: two-way sync counts it and retries the path later.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        transient: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.transient = transient
+
+
+class ConflictError(UpstreamError):
+    """Raised when `expected_version` is stale: someone else wrote the path first."""
+
+    def __init__(
+        self, path: str, expected_version: int | None, current_version: int | None
+    ) -> None:
+        super().__init__(
+            f"version conflict on {path!r}: expected {expected_version}, head is {current_version}",
+            status=409,
+            code="PT409",
+        )
+        self.path = path
+        self.expected_version = expected_version
+        self.current_version = current_version
 
 
 class EnvironmentFaultError(SidecarError):

@@ -38,6 +38,14 @@ __all__ = ["DEFAULT_FETCH_CAP", "Applier", "Outcome", "ResyncNeeded"]
 log = structlog.get_logger(component="apply")
 
 Outcome = Literal["applied", "noop", "duplicate", "stale", "ignored"]
+# The log event of each outcome, spelled out so that grep finds them.
+_EVENTS: dict[Outcome, str] = {
+    "applied": "apply.applied",
+    "noop": "apply.noop",
+    "duplicate": "apply.duplicate",
+    "stale": "apply.stale",
+    "ignored": "apply.ignored",
+}
 WriteMode = Literal["atomic", "inplace"]
 
 DEFAULT_FETCH_CAP = 256 * 1024 * 1024  # content_url bodies when SIDECAR_MAX_FILE_BYTES is unset
@@ -179,7 +187,7 @@ class Applier:
         # Every write is an info line (path, version, outcome, lag); skips are debug.
         emit = log.info if outcome == "applied" else log.debug
         emit(
-            f"apply.{outcome}",
+            _EVENTS[outcome],
             event_type=ev.event,
             path=ev.changes[0].path,
             files=len(ev.changes),

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
-from sidecar.errors import SidecarError, UnsafePathError
+from sidecar.errors import InvalidEventError, UnsafePathError
 from sidecar.redact import redact_url
 from sidecar.tree.paths import check_rel_path, is_reserved
 
@@ -50,10 +50,6 @@ MAX_INT = 2**63 - 1  # what SQLite's INTEGER holds
 MAX_BULK_FILES = 100_000
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _B64_SPACE = re.compile(r"[ \t\r\n]")  # Postgres encode(..., 'base64') wraps lines at 76 chars
-
-
-class InvalidEventError(SidecarError, ValueError):
-    """Raised for a malformed or unsafe delta event; the message is a one-line reason."""
 
 
 @dataclass(frozen=True, slots=True)

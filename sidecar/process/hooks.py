@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import NoReturn
+from typing import Literal, NoReturn
 
 import structlog
 
@@ -68,8 +68,34 @@ async def run_after_hydrate(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _HookEvents:
+    """A hook role's log event names, spelled out so that grep finds them."""
+
+    started: str
+    finished: str
+    failed: str
+    timed_out: str
+
+
+_EVENTS = {
+    "after_hydrate": _HookEvents(
+        "hooks.after_hydrate_started",
+        "hooks.after_hydrate_finished",
+        "hooks.after_hydrate_failed",
+        "hooks.after_hydrate_timed_out",
+    ),
+    "on_change": _HookEvents(
+        "hooks.on_change_started",
+        "hooks.on_change_finished",
+        "hooks.on_change_failed",
+        "hooks.on_change_timed_out",
+    ),
+}
+
+
 async def _run_hook(
-    role: str,
+    role: Literal["after_hydrate", "on_change"],
     argv: Sequence[str],
     project_dir: Path,
     env: Mapping[str, str],
@@ -88,10 +114,11 @@ async def _run_hook(
     is stopped (grace, then SIGKILL) and its 143 or 137 returned. A non-zero exit is logged at
     `failed_level`. On cancellation the command is stopped, then the cancellation re-raised.
     """
+    events = _EVENTS[role]
     fields = {"argv": list(argv), **fields}
     started = time.monotonic()
     proc = ChildProcess(argv, project_dir, env, stop_grace, reaper=reaper, role=role)
-    log.info(f"hooks.{role}_started", **fields)
+    log.info(events.started, **fields)
     try:
         await proc.start()
     except ChildStartError as exc:
@@ -100,7 +127,7 @@ async def _run_hook(
         failure = None
     if failure is not None:
         code = int(failure.exit_code)
-        log.error(f"hooks.{role}_failed", **fields, exit_code=code, reason=str(failure))
+        log.error(events.failed, **fields, exit_code=code, reason=str(failure))
         return code
     timed_out = False
     try:
@@ -112,12 +139,12 @@ async def _run_hook(
     finally:
         await proc.stop()
     if timed_out:
-        log.error(f"hooks.{role}_timed_out", **fields, max_seconds=max_seconds, exit_code=status)
+        log.error(events.timed_out, **fields, max_seconds=max_seconds, exit_code=status)
     seconds = round(time.monotonic() - started, 3)
     if status == 0:
-        log.info(f"hooks.{role}_finished", **fields, exit_code=0, seconds=seconds)
+        log.info(events.finished, **fields, exit_code=0, seconds=seconds)
     else:
-        log.log(failed_level, f"hooks.{role}_failed", **fields, exit_code=status, seconds=seconds)
+        log.log(failed_level, events.failed, **fields, exit_code=status, seconds=seconds)
     return status
 
 

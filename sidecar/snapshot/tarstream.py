@@ -13,7 +13,7 @@ from enum import Enum
 from typing import BinaryIO, Protocol
 from zlib import adler32 as _adler32
 
-from sidecar.errors import SnapshotInvalidError
+from sidecar.errors import TarFormatError
 
 __all__ = [
     "BLOCK",
@@ -32,10 +32,6 @@ MAX_TRAILER_BYTES = 1024 * 1024  # zero padding tolerated after the end-of-archi
 
 _EXT_TYPES = frozenset({b"x", b"g", b"L", b"K"})
 _ZERO_BLOCK = bytes(BLOCK)
-
-
-class TarFormatError(SnapshotInvalidError):
-    """Raised when the tar stream is malformed, truncated or uses an unsupported feature."""
 
 
 class MemberType(Enum):

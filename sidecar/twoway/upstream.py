@@ -23,7 +23,7 @@ import aiohttp
 import structlog
 
 from sidecar.config import Settings
-from sidecar.errors import ConfigError, SidecarError
+from sidecar.errors import ConfigError, ConflictError, UpstreamError
 from sidecar.retry import backoff_delay
 from sidecar.twoway.merge import is_text
 
@@ -32,42 +32,6 @@ __all__ = ["ConflictError", "RemoteFile", "Upstream", "UpstreamError"]
 log = structlog.get_logger(component="upstream")
 
 _CONFLICT_CODES = frozenset({"PT409"})
-
-
-class UpstreamError(SidecarError):
-    """Raised when the database refuses a call (auth, bad request) or retries ran out.
-
-    `transient` is True when a later attempt may succeed (outage, timeouts, 5xx).
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        code: str | None = None,
-        transient: bool = False,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.transient = transient
-
-
-class ConflictError(UpstreamError):
-    """Raised when `expected_version` is stale: someone else wrote the path first."""
-
-    def __init__(
-        self, path: str, expected_version: int | None, current_version: int | None
-    ) -> None:
-        super().__init__(
-            f"version conflict on {path!r}: expected {expected_version}, head is {current_version}",
-            status=409,
-            code="PT409",
-        )
-        self.path = path
-        self.expected_version = expected_version
-        self.current_version = current_version
 
 
 @dataclass(frozen=True, slots=True)
