@@ -35,7 +35,7 @@ from aiohttp import web
 from psycopg.pq import TransactionStatus
 
 from sidecar.testing._server import LoopbackServer, until_terminated
-from sidecar.testing.pgrst import RpcError, call_rpc
+from sidecar.testing.pgrst import FunctionInfo, RpcError, call_rpc
 from sidecar.testing.rpc_server import RpcFaults
 
 __all__ = ["Gateway", "main"]
@@ -72,6 +72,7 @@ class Gateway(LoopbackServer):
         self.calls: list[tuple[str, int]] = []  # (function, status) for assertions
         self.rpc_seconds: list[float] = []  # time spent in the database per successful call
         self._idle: list[psycopg.AsyncConnection[Any]] = []
+        self._schema: dict[tuple[str, frozenset[str]], FunctionInfo] = {}  # PostgREST's cache
 
     # -- lifecycle --
 
@@ -122,7 +123,7 @@ class Gateway(LoopbackServer):
     ) -> tuple[int, Any]:
         """Run one RPC with already verified claims (what an editor's request would do)."""
         async with self._connection() as conn:
-            return await call_rpc(conn, name, args, claims)
+            return await call_rpc(conn, name, args, claims, cache=self._schema)
 
     async def register_project(self, project_id: str) -> None:
         """Make a project known (register_project as the service role)."""
@@ -198,7 +199,9 @@ class Gateway(LoopbackServer):
             started = time.perf_counter()
             headers = {k: v for k, v in request.headers.items() if k.lower() != "authorization"}
             async with self._connection() as conn:
-                status, body = await call_rpc(conn, name, args, claims, headers=headers)
+                status, body = await call_rpc(
+                    conn, name, args, claims, headers=headers, cache=self._schema
+                )
             self.rpc_seconds.append(time.perf_counter() - started)
             if self.faults.lose_response_first > 0 and name not in _READS:
                 self.faults.lose_response_first -= 1

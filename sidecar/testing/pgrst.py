@@ -57,9 +57,17 @@ class FunctionInfo:
 
 
 async def lookup_function(
-    conn: psycopg.AsyncConnection[Any], name: str, given: frozenset[str]
+    conn: psycopg.AsyncConnection[Any],
+    name: str,
+    given: frozenset[str],
+    cache: dict[tuple[str, frozenset[str]], FunctionInfo] | None = None,
 ) -> FunctionInfo:
-    """The public function `name` whose arguments fit the given names (PGRST202 if none)."""
+    """The public function `name` whose arguments fit the given names (PGRST202 if none).
+
+    `cache` plays PostgREST's schema cache (functions are looked up once per argument set).
+    """
+    if cache is not None and (name, given) in cache:
+        return cache[(name, given)]
     rows = await (
         await conn.execute(
             """
@@ -79,7 +87,10 @@ async def lookup_function(
         args = tuple(zip(in_names, types, strict=True))
         required = frozenset(in_names[: nargs - ndefaults])
         if required <= given <= frozenset(in_names):
-            return FunctionInfo(name, args, required, bool(retset), bool(void), bool(volatile))
+            info = FunctionInfo(name, args, required, bool(retset), bool(void), bool(volatile))
+            if cache is not None:
+                cache[(name, given)] = info
+            return info
     raise RpcError(
         404,
         "PGRST202",
@@ -96,11 +107,14 @@ async def call_rpc(
     claims: dict[str, Any] | None,
     *,
     headers: dict[str, str] | None = None,
+    cache: dict[tuple[str, frozenset[str]], FunctionInfo] | None = None,
 ) -> tuple[int, Any]:
     """Run one RPC the way PostgREST does; (status, JSON body or None for 204).
 
     `conn` must be an idle connection logged in as `authenticator` (autocommit off).
     `claims` are the verified JWT claims, None when the request had no token (anon).
+    With a `cache` (see lookup_function) the transaction is pipelined: one round trip for
+    BEGIN, the settings and the call, one for COMMIT.
 
     Raises:
         RpcError: PostgREST's answer for the failure (status + body).
@@ -109,8 +123,13 @@ async def call_rpc(
     role = str((claims or {}).get("role") or "anon")
     full_claims = {**(claims or {}), "role": role}
     try:
-        async with conn.transaction():
-            info = await lookup_function(conn, name, frozenset(args))
+        given = frozenset(args)
+        if cache is not None and (name, given) in cache:
+            info = cache[(name, given)]
+        else:
+            async with conn.transaction():
+                info = await lookup_function(conn, name, given, cache)
+        async with conn.pipeline(), conn.transaction():
             await conn.execute(
                 "select set_config('search_path', '\"public\"', true),"
                 " set_config('role', %s, true),"
