@@ -77,6 +77,7 @@ def run_writer(archive: Path, dest: Path, thread: bool) -> tuple[float, float, f
         "from pathlib import Path\n"
         "from sidecar.config import Limits\n"
         "from sidecar.snapshot.extract import SnapshotWriter, new_staging_dir\n"
+        "from sidecar.tree.project import ProjectTree\n"
         "from sidecar.tree.state import StateStore\n"
         "archive, dest = Path(sys.argv[1]), Path(sys.argv[2])\n"
         "t0 = time.perf_counter()\n"
@@ -86,7 +87,7 @@ def run_writer(archive: Path, dest: Path, thread: bool) -> tuple[float, float, f
         "with open(archive, 'rb', buffering=0) as f:\n"
         "    while chunk := f.read(256 * 1024):\n"
         "        w.feed(chunk)\n"
-        "w.publish(state)\n"
+        "w.publish(ProjectTree(dest, state))\n"
         "print(time.perf_counter() - t0)\n"
         # VmHWM, not ru_maxrss: the latter also counts this parent's RSS at exec time.
         "print(next(int(l.split()[1]) for l in open('/proc/self/status')\n"

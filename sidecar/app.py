@@ -230,7 +230,7 @@ class Sidecar:
         first_error = SnapshotUnavailableError("SNAPSHOT_URL is not set")
         if url is not None:
             try:
-                return await hydrate(settings, c.state, c.metrics, session=c.http)
+                return await hydrate(settings, c.tree, c.metrics, session=c.http)
             except SnapshotUnavailableError as exc:
                 first_error = exc
         if not c.live.enabled:
@@ -245,7 +245,7 @@ class Sidecar:
         assert ready.snapshot_url is not None
         return await hydrate(
             settings,
-            c.state,
+            c.tree,
             c.metrics,
             url=ready.snapshot_url,
             sha256=ready.sha256,

@@ -7,7 +7,7 @@ same methods (`NoLive`, `NoLocalChanges`, `NoHooks`, `NoChild`), so no phase tes
 Two references are cyclic by nature and are closed with a closure over a name bound a few lines
 below, instead of by assigning attributes after construction: the subscription delivers into the
 engine while the engine rejoins and sends through the subscription, and the Applier asks
-LocalSync about a path (before_publish) while LocalSync shares the Applier's lock.
+LocalSync about a path (before_publish) while both write under the ProjectTree's lock.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import structlog
 
 from sidecar.config import Settings
 from sidecar.health import HealthState
-from sidecar.live.apply import Applier
+from sidecar.live.apply import Applier, WriteMode
 from sidecar.live.engine import ChannelLink, SyncEngine, SyncTuning
 from sidecar.live.events import DeltaEvent, FileChange
 from sidecar.live.subscription import Subscription, SubscriptionTuning
@@ -34,6 +34,7 @@ from sidecar.process.hooks import OnChangeHooks
 from sidecar.process.identity import ChildUser, hand_over, hand_over_paths, resolve_child_user
 from sidecar.snapshot.hydrate import hydrate
 from sidecar.snapshot.manifest import Manifest
+from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import StateStore
 from sidecar.twoway.localsync import Conflict, LocalSync
 from sidecar.twoway.upstream import Upstream
@@ -213,6 +214,7 @@ class Components:
     metrics: Metrics
     health: HealthState
     state: StateStore
+    tree: ProjectTree
     http: aiohttp.ClientSession
     reaper: Reaper
     applier: Applier
@@ -232,9 +234,9 @@ def build(
     an unusable token or on-change rule.
     """
     metrics = Metrics(settings.project_id, settings.session_id)
-    metrics.quota_bytes.set(settings.limits.max_bytes)
     child_user = resolve_child_user(settings.process.child_user)
     state = StateStore(settings.state_dir)
+    tree = ProjectTree(settings.project_dir, state, settings.limits, metrics)
     reaper = Reaper()
     env = build_child_env(os.environ)
     child = _child(settings, cmd, env, reaper, metrics)
@@ -252,7 +254,7 @@ def build(
     local: LocalChanges | NoLocalChanges = NoLocalChanges()
     if not settings.realtime.url:
         log.warning("sidecar.sync_disabled", reason="REALTIME_URL is not set")
-        applier = _applier(settings, state, metrics, http, before_publish=None)
+        applier = _applier(tree, metrics, http, write_mode=settings.write_mode, before_publish=None)
     else:
         tokens = TokenSource.from_settings(settings.realtime)
         engine: SyncEngine  # bound below; the subscription only calls it once running
@@ -260,13 +262,12 @@ def build(
         def deliver(event: str, payload: dict[str, Any], meta: dict[str, Any] | None) -> None:
             engine.on_message(event, payload, meta)
 
-        replay_since = state.meta("created_at")
         sub = Subscription(
             settings.realtime,
             metrics,
             deliver,
             tokens=tokens,
-            replay_since_ms=replay_since if isinstance(replay_since, int) else None,
+            replay_since_ms=tree.created_at,
             tuning=SubscriptionTuning(auth_fail_window=settings.realtime.auth_fail_window),
         )
         # The container never writes on the channel: with SUPABASE_URL its reports and
@@ -277,26 +278,29 @@ def build(
         link: ChannelLink = sub if reporter is None else _RpcLink(sub, reporter)
         local_sync: LocalSync | None = None
         if settings.twoway.local_changes:
-            # LocalSync shares the Applier's lock; the Applier calls back into it under that lock.
+            # The Applier calls back into LocalSync while it holds the tree's lock.
             async def before_publish(changes: Sequence[FileChange]) -> None:
                 assert local_sync is not None
                 await local_sync.before_publish(changes)
 
-            applier = _applier(settings, state, metrics, http, before_publish=before_publish)
+            applier = _applier(
+                tree, metrics, http, write_mode=settings.write_mode, before_publish=before_publish
+            )
             local_sync = LocalSync.from_settings(
                 settings,
-                state,
+                tree,
                 metrics,
-                lock=applier.lock,
                 send=send,
                 upstream=_upstream(settings, tokens, http),
             )
             local = LocalChanges(local_sync, settings.twoway.ignore)
         else:
-            applier = _applier(settings, state, metrics, http, before_publish=None)
+            applier = _applier(
+                tree, metrics, http, write_mode=settings.write_mode, before_publish=None
+            )
 
         async def resync(url: str, sha256: str | None) -> Manifest:
-            manifest = await hydrate(settings, state, metrics, url=url, sha256=sha256, session=http)
+            manifest = await hydrate(settings, tree, metrics, url=url, sha256=sha256, session=http)
             await hand_over_tree(settings, child_user)
             return manifest
 
@@ -307,7 +311,6 @@ def build(
 
         engine = SyncEngine(
             applier,
-            state,
             metrics,
             link=link,
             resync=resync,
@@ -329,6 +332,7 @@ def build(
         metrics=metrics,
         health=health,
         state=state,
+        tree=tree,
         http=http,
         reaper=reaper,
         applier=applier,
@@ -348,19 +352,17 @@ async def hand_over_tree(settings: Settings, user: ChildUser | None) -> None:
 
 
 def _applier(
-    settings: Settings,
-    state: StateStore,
+    tree: ProjectTree,
     metrics: Metrics,
     http: aiohttp.ClientSession,
     *,
+    write_mode: WriteMode,
     before_publish: Any,
 ) -> Applier:
     return Applier(
-        settings.project_dir,
-        state,
-        settings.limits,
+        tree,
         metrics,
-        write_mode=settings.write_mode,
+        write_mode=write_mode,
         http=http,
         before_publish=before_publish,
     )

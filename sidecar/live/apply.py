@@ -1,11 +1,11 @@
 """Applies delta events to PROJECT_DIR: contract rules 1 (versions), 2 (hashes), 3 (no-op writes)
 and 6 (bulks all-or-nothing), with quotas, safe paths and atomic or in-place writes.
 
-Coordination with the watcher (two-way sync): the StateStore's sha256 is the source of truth for
-"the sidecar wrote this". Every write and its state record happen together while
-`Applier.lock` is held, so a watcher that takes the same lock before hashing a file and comparing
-it with `state.get(path).sha256` never mistakes one of our writes for a local change. Temp files
-(`fsio.is_temp_name`) are ours too and must be ignored.
+Coordination with the watcher (two-way sync): the state's sha256 is the source of truth for
+"the sidecar wrote this". Every write and its state record happen together while the
+ProjectTree's lock is held (sidecar/tree/project.py), so a watcher that takes the same lock before
+hashing a file and comparing it with the state never mistakes one of our writes for a local
+change. Temp files (`fsio.is_temp_name`) are ours too and must be ignored.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from sidecar.metrics import Metrics
 from sidecar.redact import redact_url
 from sidecar.tree import fsio
 from sidecar.tree.paths import is_reserved, resolve_inside
-from sidecar.tree.state import FileState, StateStore
+from sidecar.tree.project import ProjectTree
+from sidecar.tree.state import FileState
 
 __all__ = ["DEFAULT_FETCH_CAP", "Applier", "Outcome", "ResyncNeeded"]
 
@@ -84,19 +85,17 @@ class _Item:
 
 
 class Applier:
-    """Applies DeltaEvents to project_dir and records what it did in the StateStore.
+    """Applies DeltaEvents to the tree's directory and records what it did through the tree.
 
-    `apply` calls are serialised internally. `lock` (an asyncio.Lock) is held while files are
-    published and the state recorded; a watcher takes it before deciding whether a file on
-    disk is a local change (its sha256 differs from the state's). `on_change`, if given, is
-    called with the paths written or deleted by each apply, after the state is recorded.
+    `apply` calls are serialised internally. The tree's lock is held while files are
+    published and recorded; a watcher takes it before deciding whether a file on disk is a
+    local change (its sha256 differs from the state's). `on_change`, if given, is called with
+    the paths written or deleted by each apply, after the state is recorded.
     """
 
     def __init__(
         self,
-        project_dir: Path,
-        state: StateStore,
-        limits: Limits,
+        tree: ProjectTree,
         metrics: Metrics,
         *,
         write_mode: WriteMode = "atomic",
@@ -110,9 +109,10 @@ class Applier:
     ) -> None:
         if write_mode not in ("atomic", "inplace"):
             raise ValueError(f"write_mode must be atomic or inplace, not {write_mode!r}")
-        self.project_dir = Path(project_dir).absolute()
-        self.state = state
-        self.limits = limits
+        self.tree = tree
+        self.project_dir = tree.root
+        self.state = tree.state  # reads only: every write goes through tree.commit
+        self.limits: Limits = tree.limits
         self.metrics = metrics
         self.write_mode: WriteMode = write_mode
         self.fsync = fsync
@@ -121,15 +121,11 @@ class Applier:
         self.fetch_backoff = fetch_backoff
         self.on_change = on_change
         self.before_publish = before_publish
-        self.lock = asyncio.Lock()
+        self.lock = tree.lock
         self._serial = asyncio.Lock()
         self._http = http
         self._own_http = False
         self._root_s = str(self.project_dir)
-        self._bytes = 0
-        self._files = 0
-        metrics.quota_bytes.set(limits.max_bytes)
-        self.recount()
 
     async def close(self) -> None:
         """Close the HTTP session if the Applier created it."""
@@ -137,14 +133,6 @@ class Applier:
             await self._http.close()
             self._http = None
             self._own_http = False
-
-    def recount(self) -> None:
-        """Recompute project bytes/files from the state (call after a snapshot is published)."""
-        live = self.state.live()
-        self._bytes = sum(s.size for s in live.values())
-        self._files = len(live)
-        self.metrics.project_bytes.set(self._bytes)
-        self.metrics.project_files.set(self._files)
 
     async def apply(self, ev: DeltaEvent, *, record_seq: bool = True) -> Outcome:
         """Apply one event; return its outcome and count it in `sidecar_events`.
@@ -219,24 +207,24 @@ class Applier:
     # -- the steps --
 
     async def _apply(self, ev: DeltaEvent, record_seq: bool) -> tuple[Outcome, list[str]]:
-        meta: dict[str, object] = {}
-        if record_seq and ev.seq is not None:
-            last = self.state.meta("seq")
-            if not isinstance(last, int) or ev.seq > last:
-                meta["seq"] = ev.seq
+        seq = ev.seq if record_seq else None
         # Rule 1: only versions newer than what we know (tombstones included).
         items: list[_Item] = []
         skipped: list[Outcome] = []
+        placed: dict[str, FileState] = {}
         for c in ev.changes:
             old = self.state.get(c.path)
             if old is not None and c.version <= old.version:
                 skipped.append("duplicate" if c.version == old.version else "stale")
+                if c.version == old.version and old.seq is None and ev.seq is not None:
+                    # The echo of our own push (LocalSync records it without a seq): now the
+                    # row can be placed against snapshots (tree/project.py snapshot_keeps).
+                    placed[c.path] = FileState(old.version, old.sha256, old.size, old.mode, ev.seq)
                 continue
             target, blocker, parent_exists = self._walk(c.path)
             items.append(_Item(c, target, old, blocker, parent_exists))
         if not items:
-            if meta:
-                self._record({}, meta)
+            self.tree.commit(placed, seq=seq)
             return ("duplicate" if all(s == "duplicate" for s in skipped) else "stale"), []
         deleting = {it.change.path for it in items if it.change.action == "delete"}
         try:
@@ -252,8 +240,8 @@ class Applier:
                     # local write cannot slip in between its check and our publish.
                     await self.before_publish([it.change for it in items])
                     items = [it for it in items if not self._superseded(it)]
-                changed, records = await self._publish(items) if items else ([], {})
-                self._record(records, meta)
+                changed, records = await self._publish(items, ev.seq) if items else ([], {})
+                self.tree.commit(placed | records, seq=seq)
         finally:
             for it in items:
                 if it.tmp is not None:
@@ -349,7 +337,7 @@ class Applier:
                 it.chmod = stat.S_IMODE(cur.st_mode) != it.mode
 
     def _check_quota(self, items: list[_Item]) -> None:
-        lim = self.limits
+        quota = self.tree.quota
         d_bytes = d_files = 0
         for it in items:
             old_live = it.old is not None and not it.old.deleted
@@ -358,26 +346,14 @@ class Applier:
                 d_bytes -= old_size
                 d_files -= 1 if old_live else 0
                 continue
-            if lim.max_file_bytes and it.size > lim.max_file_bytes:
-                raise QuotaExceededError(
-                    f"{it.change.path!r} is {it.size} bytes, over "
-                    f"SIDECAR_MAX_FILE_BYTES={lim.max_file_bytes}"
-                )
+            too_big = quota.file_too_big(it.change.path, it.size)
+            if too_big is not None:
+                raise QuotaExceededError(too_big)
             d_bytes += it.size - old_size
             d_files += 0 if old_live else 1
-
-        def over() -> str | None:
-            if lim.max_bytes and d_bytes > 0 and self._bytes + d_bytes > lim.max_bytes:
-                return f"{self._bytes + d_bytes} bytes, over SIDECAR_MAX_BYTES={lim.max_bytes}"
-            if lim.max_files and d_files > 0 and self._files + d_files > lim.max_files:
-                return f"{self._files + d_files} files, over SIDECAR_MAX_FILES={lim.max_files}"
-            return None
-
-        if over() is not None:
-            self.recount()  # others (snapshot publish, local sync) also change the tree
-            reason = over()
-            if reason is not None:
-                raise QuotaExceededError(reason)
+        reason = quota.over(d_bytes, d_files)
+        if reason is not None:
+            raise QuotaExceededError(reason)
 
     async def _stage(self, items: list[_Item]) -> None:
         """Atomic mode: write every inline update to a temp file before publishing any."""
@@ -393,7 +369,9 @@ class Applier:
             else:
                 it.tmp = fsio.write_temp(*args, fsync=self.fsync)
 
-    async def _publish(self, items: list[_Item]) -> tuple[list[str], dict[str, FileState]]:
+    async def _publish(
+        self, items: list[_Item], seq: int | None
+    ) -> tuple[list[str], dict[str, FileState]]:
         """Deletes first (a file may become a directory), then writes; return what changed."""
         changed: list[str] = []
         records: dict[str, FileState] = {}
@@ -408,7 +386,7 @@ class Applier:
                 if fsio.remove_file(it.target):
                     changed.append(c.path)
                     emptied.append(it.target.parent)
-                records[c.path] = FileState(c.version, None, 0, 0)
+                records[c.path] = FileState(c.version, None, 0, 0, seq)
             for it in items:
                 c = it.change
                 current = c.path
@@ -420,13 +398,13 @@ class Applier:
                 else:
                     await self._publish_one(it)
                     changed.append(c.path)
-                records[c.path] = FileState(c.version, c.content_hash, it.size, it.mode)
+                records[c.path] = FileState(c.version, c.content_hash, it.size, it.mode, seq)
             # Pruned only now: an update in the same bulk may live in a directory a delete emptied.
             for parent in emptied:
                 fsio.prune_empty_dirs(parent, self.project_dir)
         except OSError as exc:
             # Checks passed but the disk refused: record what is in place, then resync.
-            self._record(records, {})
+            self.tree.commit(records)
             raise ResyncNeeded(
                 f"writing {current!r} failed: {exc.strerror}", "publish_failed"
             ) from exc
@@ -450,25 +428,6 @@ class Applier:
             )
         else:
             fsio.write_inplace(it.target, it.data, it.mode, source=it.tmp, fsync=self.fsync)
-
-    def _record(self, records: dict[str, FileState], meta: dict[str, object]) -> None:
-        if not records and not meta:
-            return
-        for path, new in records.items():
-            old = self.state.get(path)
-            if old is not None and not old.deleted:
-                self._bytes -= old.size
-                self._files -= 1
-            if not new.deleted:
-                self._bytes += new.size
-                self._files += 1
-        self.state.update(records, meta)
-        if records:
-            self.metrics.project_bytes.set(self._bytes)
-            self.metrics.project_files.set(self._files)
-        seq = meta.get("seq")
-        if isinstance(seq, int):
-            self.metrics.last_seq.set(seq)
 
     # -- content_url --
 

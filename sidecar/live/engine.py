@@ -35,7 +35,6 @@ from sidecar.live.events import (
 )
 from sidecar.metrics import Metrics
 from sidecar.snapshot.manifest import Manifest
-from sidecar.tree.state import StateStore
 
 __all__ = ["ChannelLink", "ResyncFn", "SyncEngine", "SyncTuning"]
 
@@ -105,8 +104,8 @@ class SyncEngine:
     """Consumes (event, payload, meta) from the subscription and keeps PROJECT_DIR converged.
 
     Args:
-        applier: applies file changes (rules 1, 2, 3, 6) and records versions and seq.
-        state: the StateStore (meta "seq" is the last applied seq; "snapshot_id").
+        applier: applies file changes (rules 1, 2, 3, 6) and records versions and seq through
+            its ProjectTree (`applier.tree`: meta seq, snapshot_id, created_at).
         metrics: event outcomes ("buffered", "duplicate", "rejected"...) and resyncs.
         link: the subscription (send snapshot:request, rejoin with replay); None in tests.
         resync: async (snapshot_url, sha256) -> Manifest, normally a call to hydrate().
@@ -120,7 +119,6 @@ class SyncEngine:
     def __init__(
         self,
         applier: Applier,
-        state: StateStore,
         metrics: Metrics,
         *,
         link: ChannelLink | None = None,
@@ -132,7 +130,7 @@ class SyncEngine:
     ) -> None:
         self.accept_client_events = accept_client_events
         self.applier = applier
-        self.state = state
+        self.tree = applier.tree
         self.metrics = metrics
         self.link = link
         self.resync_fn = resync
@@ -171,8 +169,7 @@ class SyncEngine:
     def mark_hydrated(self, manifest: Manifest | None = None) -> None:
         """Hydration is done: set the seq baseline, ask for replay since the snapshot was made,
         and let run() apply the buffer (rule 4)."""
-        seq = self.state.meta("seq")
-        base = seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+        base = self.tree.seq
         if manifest is not None and manifest.seq is not None:
             base = manifest.seq if base is None else max(base, manifest.seq)
         self.last_seq = base
@@ -451,9 +448,7 @@ class SyncEngine:
         if self.last_seq is None:
             return
         self.metrics.last_seq.set(self.last_seq)
-        recorded = self.state.meta("seq")
-        if not isinstance(recorded, int) or recorded < self.last_seq:
-            self.state.update(meta={"seq": self.last_seq})
+        self.tree.commit(seq=self.last_seq)  # a no-op unless it moved (skipped, rejected seqs)
 
     async def _apply_one(self, item: _Item) -> None:
         ev = item.ev
@@ -557,8 +552,8 @@ class SyncEngine:
         base = self._last_seq_received_at
         if base is None:
             # Nothing applied since hydration: the snapshot holds everything up to created_at.
-            created = self.state.meta("created_at")
-            if isinstance(created, int) and not isinstance(created, bool):
+            created = self.tree.created_at
+            if created is not None:
                 return created
             base = min(i.received_at for i in self._held.values())
         return int((base - self.tuning.replay_margin) * 1000)
@@ -614,7 +609,7 @@ class SyncEngine:
                 return
         else:
             why = None
-            if ev.snapshot_id == self.state.meta("snapshot_id"):
+            if ev.snapshot_id == self.tree.snapshot_id:
                 why = "already in place"
             elif ev.seq is not None and self.last_seq is not None and ev.seq <= self.last_seq:
                 why = "not newer than what was applied"
@@ -631,7 +626,7 @@ class SyncEngine:
         if self.resync_fn is None or ev.snapshot_url is None:
             log.error("sync.resync_unavailable", snapshot_id=ev.snapshot_id)
             return
-        before = {p: s.sha256 for p, s in self.state.items()}
+        before = {p: s.sha256 for p, s in self.tree.state.items()}
         log.info("sync.resync_started", snapshot_id=ev.snapshot_id, seq=ev.seq, reason=reason)
         try:
             manifest = await self.resync_fn(ev.snapshot_url, ev.sha256)
@@ -646,19 +641,17 @@ class SyncEngine:
         self.metrics.inc(self.metrics.resyncs, reason)
         self._request = None
         self._gap = None
-        self.applier.recount()
         if manifest.seq is not None and (self.last_seq is None or manifest.seq > self.last_seq):
             self.last_seq = manifest.seq
             self._guessed_baseline = False
             # A later gap is replayed from when the snapshot was made.
             self._last_seq_received_at = manifest.created_at / 1000
-        if self.last_seq is not None:
-            self.state.update(meta={"seq": self.last_seq})  # publish wrote the snapshot's
         dropped = [s for s in self._held if self.last_seq is not None and s <= self.last_seq]
         for s in dropped:
             self._duplicate(self._held.pop(s))
-        changed = sorted(p for p, s in self.state.items() if before.get(p) != s.sha256)
-        changed += sorted(p for p in before if self.state.get(p) is None)
+        state = self.tree.state
+        changed = sorted(p for p, s in state.items() if before.get(p) != s.sha256)
+        changed += sorted(p for p in before if state.get(p) is None)
         log.info(
             "sync.resynced",
             snapshot_id=manifest.snapshot_id,

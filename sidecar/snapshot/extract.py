@@ -40,6 +40,7 @@ from sidecar.snapshot.manifest import (
 )
 from sidecar.snapshot.tarstream import BLOCK, MemberType, TarMember, TarReader
 from sidecar.tree.paths import STATE_DIR_NAME, check_rel_path, is_reserved
+from sidecar.tree.project import ProjectTree, snapshot_keeps
 from sidecar.tree.state import FileState, StateStore
 
 __all__ = [
@@ -118,6 +119,7 @@ class PublishResult:
     removed_dirs: int  # directories of the previous snapshot deleted (empty, not in this one)
     bytes_written: int
     seconds: float
+    kept: int = 0  # paths the state knows at a newer version than the snapshot's
 
 
 class _Sink:
@@ -894,24 +896,35 @@ class SnapshotWriter:
 
     # -- publishing --
 
-    def publish(self, state: StateStore, meta: Mapping[str, object] | None = None) -> PublishResult:
-        """Converge project_dir to the staged tree, record it in `state`, remove staging.
+    def publish(self, tree: ProjectTree, meta: Mapping[str, object] | None = None) -> PublishResult:
+        """Converge project_dir to the staged tree, record it through `tree`, remove staging.
 
-        Each file appears by one atomic rename; files of the previous tree (per `state`) that the
-        snapshot no longer has are deleted, and so are the directories the previous snapshot
-        had (`state.meta(META_DIRS)`) and this one has not, once empty; untracked files are left
+        The caller holds `tree.lock` (sidecar/snapshot/hydrate.py does). Each file appears by
+        one atomic rename; files of the previous tree (per the state) that the snapshot no
+        longer has are deleted, and so are the directories the previous snapshot had
+        (`state.meta(META_DIRS)`) and this one has not, once empty; untracked files are left
         alone unless they are in the way (a directory holding one stays). `.sidecar` is never
-        touched. `meta` is recorded in the same transaction as the tree.
+        touched. `meta` is recorded in the same transaction as the tree. A path whose recorded
+        version is newer than the snapshot's (or a tombstone as new), or that was created
+        after the snapshot's seq, is kept as it is (sidecar/tree/project.py `snapshot_keeps`):
+        an older snapshot never rolls a path back.
         """
         manifest = self.finish()
         if self._published:
             raise RuntimeError("snapshot already published")
         t0 = time.monotonic()
+        state = tree.state
         project = self.project_dir
         project.mkdir(parents=True, exist_ok=True)
         new_dirs = sorted(p for p, k in self._kinds.items() if k == "d")
+        snap_seq = manifest.seq
+        kept = {
+            p
+            for p, k in self._kinds.items()
+            if k != "d" and snapshot_keeps(state.get(p), self._files[p].version, snap_seq)
+        }
         written = unchanged = removed = removed_dirs = 0
-        if self._project_is_empty():
+        if not kept and self._project_is_empty():
             # Fresh project: moving the top-level entries moves the whole tree.
             for entry in sorted(self.staging_dir.iterdir()):
                 entry.rename(project / entry.name)
@@ -923,6 +936,8 @@ class SnapshotWriter:
                 if kind == "d":
                     continue
                 dst = project / path
+                if path in kept:
+                    continue
                 if path in self._unchanged:
                     unchanged += 1
                     try:
@@ -937,13 +952,13 @@ class SnapshotWriter:
                 _clear_dir(dst)
                 _move(self.staging_dir / path, dst)
                 written += 1
-            removed = self._remove_stale(state)
+            removed = self._remove_stale(state, snap_seq)
             removed_dirs = self._remove_stale_dirs(state.meta(META_DIRS))
         # The staged tree has been moved: drop the bookkeeping before building the state rows
         # (lower peak memory; a second publish() is refused anyway).
         self._published = True
         self._kinds, self._unchanged, self._explicit_dirs, self._real_dirs = {}, set(), set(), set()
-        self._record(state, manifest, {**(meta or {}), META_DIRS: new_dirs})
+        self._record(tree, manifest, kept, {**(meta or {}), META_DIRS: new_dirs})
         del new_dirs
         shutil.rmtree(self.staging_dir, ignore_errors=True)
         seconds = round(time.monotonic() - t0, 3)
@@ -954,6 +969,7 @@ class SnapshotWriter:
             unchanged=unchanged,
             removed=removed,
             removed_dirs=removed_dirs,
+            kept=len(kept),
             seconds=seconds,
         )
         return PublishResult(
@@ -964,6 +980,7 @@ class SnapshotWriter:
             removed_dirs=removed_dirs,
             bytes_written=self._bytes_written,
             seconds=seconds,
+            kept=len(kept),
         )
 
     def _project_is_empty(self) -> bool:
@@ -971,12 +988,14 @@ class SnapshotWriter:
         with os.scandir(self.project_dir) as it:
             return all(e.name in reserved for e in it)
 
-    def _remove_stale(self, state: StateStore) -> int:
+    def _remove_stale(self, state: StateStore, snap_seq: int | None) -> int:
         removed = 0
         prune: set[str] = set()
-        for path in state.live():
+        for path, known in state.live().items():
             if path in self._files or self._kinds.get(path) == "d" or is_reserved(path):
                 continue
+            if snapshot_keeps(known, None, snap_seq):
+                continue  # created after the snapshot was made
             if not _parents_are_dirs(self.project_dir, path):
                 continue  # an ancestor was replaced by a file or symlink: already gone
             dst = self.project_dir / path
@@ -1019,30 +1038,45 @@ class SnapshotWriter:
             removed += 1
         return removed
 
-    def _record(self, state: StateStore, manifest: Manifest, extra: Mapping[str, object]) -> None:
+    def _record(
+        self,
+        tree: ProjectTree,
+        manifest: Manifest,
+        kept: set[str],
+        extra: Mapping[str, object],
+    ) -> None:
         files = manifest.files
+        state = tree.state
+        seq = manifest.seq
         old_items = state.items()  # taken now, before replace_all swaps the mirror
 
         def rows() -> Iterator[tuple[str, FileState]]:
             # A generator: replace_all builds its own dict, so no second copy of the tree.
             for path, e in files.items():
+                old = state.get(path) if path in kept else None
+                if old is not None:
+                    yield path, old
+                    continue
                 mode = _SYMLINK_MODE if e.target is not None else e.mode
-                yield path, FileState(e.version, e.sha256, e.size, mode)
+                yield path, FileState(e.version, e.sha256, e.size, mode, seq)
             for path, old in old_items:
-                if path not in files:
-                    yield path, old if old.deleted else FileState(old.version, None, 0, old.mode)
+                if path in files:
+                    continue
+                if old.deleted or snapshot_keeps(old, None, seq):
+                    yield path, old
+                else:
+                    yield path, FileState(old.version, None, 0, old.mode, seq)
 
         meta: dict[str, object] = {
             "snapshot_id": manifest.snapshot_id,
             "project_id": manifest.project_id,
             "created_at": manifest.created_at,
-            "seq": manifest.seq,
             "manifest_sha256": self._manifest_sha,
             **extra,
         }
         if self._sha_in is not None:
             meta["snapshot_sha256"] = self._sha_in.hexdigest()
-        state.replace_all(rows(), meta)
+        tree.record_snapshot(rows(), meta, seq)
 
 
 def _staging_top(project_dir: Path, staging_dir: Path) -> str | None:

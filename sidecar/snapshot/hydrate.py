@@ -21,7 +21,6 @@ import gc
 import shutil
 import stat
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ from sidecar.snapshot.extract import (
 from sidecar.snapshot.manifest import FileEntry, Manifest
 from sidecar.snapshot.progress import Progress
 from sidecar.tree.preflight import check_dirs
+from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import StateStore
 
 if TYPE_CHECKING:  # prometheus_client and aiohttp are not needed by `sidecar hydrate`
@@ -70,10 +70,6 @@ META_SOURCE = "hydrate.source"
 META_MANIFEST = "hydrate.manifest"  # the published manifest's header (ids, created_at, seq)
 CHUNK_SIZE = 256 * 1024  # upper bound per read from the network
 
-# One hydration per project dir at a time (a resync must not race a running hydration, and a
-# new one must not remove the staging dir of one in progress). Entries vanish when unused.
-_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-
 
 async def hydrate_once(settings: Settings) -> int:
     """`sidecar hydrate`: hydrate and verify PROJECT_DIR, then return 0.
@@ -87,12 +83,12 @@ async def hydrate_once(settings: Settings) -> int:
     # GC's full collections, which the manifest's tens of thousands of objects would trigger.
     gc.freeze()
     check_dirs(settings.project_dir, settings.state_dir)
-    state = StateStore(settings.state_dir)
+    tree = ProjectTree(settings.project_dir, StateStore(settings.state_dir), settings.limits)
     try:
         # No metrics: nothing would ever serve them from a one-shot process.
-        manifest = await hydrate(settings, state, None)
+        manifest = await hydrate(settings, tree, None)
     finally:
-        state.close()
+        tree.close()
         gc.unfreeze()
     _cli_log.info("sidecar.hydrated", snapshot_id=manifest.snapshot_id, files=len(manifest.files))
     return 0
@@ -109,7 +105,7 @@ def snapshot_object(url: str) -> str:
 
 async def hydrate(
     settings: Settings,
-    state: StateStore,
+    tree: ProjectTree,
     metrics: Metrics | None,
     *,
     url: str | None = None,
@@ -123,7 +119,11 @@ async def hydrate(
     If the snapshot at url is the tree in place (see the module docstring for how that is
     decided) and the tree verifies, nothing is downloaded. Otherwise the snapshot is streamed,
     checked and published, rewriting only files that differ (and those verification found
-    damaged). Hydrations of one project dir run one at a time. A progress line is drawn on
+    damaged). Hydrations of one tree run one at a time, and only the publish step holds
+    `tree.lock` (the download and staging do not, so deltas keep applying meanwhile): no
+    delta, local change or watcher comparison interleaves with a publish. Publishing follows
+    the version rule per path (sidecar/tree/project.py `snapshot_keeps`): a snapshot older
+    than what was applied never takes a path back. A progress line is drawn on
     stderr when it is a TTY. `metrics` may be None (no counters). `session` is not used (the
     download has its own connection); it stays for callers that pass one.
 
@@ -137,17 +137,13 @@ async def hydrate(
     url = url or settings.snapshot.url
     if not url:
         raise ConfigError("SNAPSHOT_URL is required for the first hydration")
-    key = str(settings.project_dir.absolute())
-    lock = _locks.get(key)
-    if lock is None:
-        lock = _locks[key] = asyncio.Lock()
-    async with lock:
-        return await _hydrate(settings, state, metrics, url, sha256, progress, snapshot_id)
+    async with tree.hydrating:
+        return await _hydrate(settings, tree, metrics, url, sha256, progress, snapshot_id)
 
 
 async def _hydrate(
     settings: Settings,
-    state: StateStore,
+    tree: ProjectTree,
     metrics: Metrics | None,
     url: str,
     sha256: str | None,
@@ -163,7 +159,7 @@ async def _hydrate(
     try:
         manifest, outcome, stats = await _converge(
             settings,
-            state,
+            tree,
             metrics,
             url,
             sha256,
@@ -223,7 +219,7 @@ class _Unchanged:
 
 async def _converge(
     settings: Settings,
-    state: StateStore,
+    tree: ProjectTree,
     metrics: Metrics | None,
     url: str,
     sha256: str | None,
@@ -231,6 +227,7 @@ async def _converge(
     progress: Progress,
 ) -> tuple[Manifest, str, dict[str, Any]]:
     """(manifest, outcome, stats): the tree verified in place, or downloaded and published."""
+    state = tree.state
     header = state.meta(META_MANIFEST)
     placed = isinstance(header, dict)
     placed_id = header.get("snapshot_id") if isinstance(header, dict) else None
@@ -252,7 +249,7 @@ async def _converge(
     source = {"object": obj, "sha256": sha256}
     got = await _download_and_publish(
         settings,
-        state,
+        tree,
         metrics,
         url,
         sha256,
@@ -272,7 +269,7 @@ async def _converge(
             stats = {"downloaded": got.transferred, "unchanged_by": got.why}
             return manifest, "in_place", stats
         got = await _download_and_publish(
-            settings, state, metrics, url, sha256, progress, damaged, source
+            settings, tree, metrics, url, sha256, progress, damaged, source
         )
     assert not isinstance(got, _Unchanged)
     manifest, published, result = got
@@ -358,7 +355,7 @@ async def _verify_in_place(
 
 async def _download_and_publish(
     settings: Settings,
-    state: StateStore,
+    tree: ProjectTree,
     metrics: Metrics | None,
     url: str,
     sha256: str | None,
@@ -370,8 +367,9 @@ async def _download_and_publish(
     last_modified: str | None = None,
     known_manifest: str | None = None,
 ) -> tuple[Manifest, PublishResult, DownloadResult] | _Unchanged:
-    """Stream the snapshot into a writer and publish it, in one worker thread; or _Unchanged
-    when the conditional request got 304 or the manifest is `known_manifest` (stopped there)."""
+    """Stream the snapshot into a writer in a worker thread, then publish it while holding the
+    tree's lock; or _Unchanged when the conditional request got 304 or the manifest is
+    `known_manifest` (stopped there)."""
     settings.project_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(settings.state_dir)
     stop = StopFlag()
@@ -383,12 +381,12 @@ async def _download_and_publish(
             settings.project_dir,
             new_staging_dir(settings.state_dir),
             settings.limits,
-            state=state,
+            state=tree.state,
             damaged=damaged,
             known_manifest_sha256=known_manifest,
         )
 
-    def work() -> tuple[Manifest, PublishResult, DownloadResult] | _Unchanged:
+    def work() -> tuple[Manifest, SnapshotWriter, DownloadResult] | _Unchanged:
         sink = _WriterSink(make_writer, progress)
         seen: dict[str, str | None] = {}
         try:
@@ -420,22 +418,36 @@ async def _download_and_publish(
         if stop.stopped:  # cancelled: nothing was published yet, so nothing will be
             sink.writer.abort()
             raise SnapshotUnavailableError("hydration stopped before publishing")
-        # Publishing is not interrupted: every rename is atomic, and the state records the tree
-        # (with where it came from) in one transaction once it is all in place.
-        validators = {"etag": result.etag, "last_modified": result.last_modified}
-        meta = {META_SOURCE: {**source, **validators}, META_MANIFEST: _header(manifest)}
-        try:
-            published = sink.writer.publish(state, meta)
-        except BaseException:
-            sink.writer.abort()
-            raise
-        return manifest, published, result
+        return manifest, sink.writer, result
 
     try:
-        return await run_in_thread(work, stop.stop, name="sidecar-hydrate")
+        staged = await run_in_thread(work, stop.stop, name="sidecar-hydrate")
     except BaseException:
         progress.finish()
         raise
+    if isinstance(staged, _Unchanged):
+        return staged
+    manifest, writer, result = staged
+    # Publishing is not interrupted: every rename is atomic, and the state records the tree
+    # (with where it came from) in one transaction once it is all in place.
+    validators = {"etag": result.etag, "last_modified": result.last_modified}
+    meta = {META_SOURCE: {**source, **validators}, META_MANIFEST: _header(manifest)}
+
+    def publish() -> PublishResult:
+        try:
+            return writer.publish(tree, meta)
+        except BaseException:
+            writer.abort()
+            raise
+
+    try:
+        async with tree.lock:  # run_in_thread waits for the thread even when cancelled
+            published = await run_in_thread(publish, lambda: None, name="sidecar-publish")
+    except BaseException:
+        writer.abort()  # cancelled while waiting for the lock: staging goes (a no-op after)
+        progress.finish()
+        raise
+    return manifest, published, result
 
 
 class _WriterSink:

@@ -11,7 +11,7 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sidecar.errors import (
@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS files (
   version INTEGER NOT NULL,
   sha256 TEXT,            -- NULL: a tombstone (deleted at this version)
   size INTEGER NOT NULL,
-  mode INTEGER NOT NULL
+  mode INTEGER NOT NULL,
+  seq INTEGER             -- seq of the event (or snapshot) that set this row; NULL: unknown
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -64,12 +65,19 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 @dataclass(frozen=True, slots=True)
 class FileState:
-    """The known version of a path; `sha256 is None` marks a tombstone."""
+    """The known version of a path; `sha256 is None` marks a tombstone.
+
+    `seq` is the project seq at which this row was recorded (the event's, or the snapshot's),
+    None when unknown. A snapshot older than that seq must not remove the path (see
+    sidecar/tree/project.py `snapshot_keeps`); it is bookkeeping, not identity, so two rows
+    with the same version and bytes compare equal whatever their seq.
+    """
 
     version: int
     sha256: str | None
     size: int = 0
     mode: int = 0o644
+    seq: int | None = field(default=None, compare=False)
 
     @property
     def deleted(self) -> bool:
@@ -94,9 +102,19 @@ class StateStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
+            if "seq" not in columns:  # a state database written before per-path seq existed
+                self._db.execute("ALTER TABLE files ADD COLUMN seq INTEGER")
+                # Every row it holds was recorded at or before its last seq.
+                self._db.execute(
+                    "UPDATE files SET seq = "
+                    "(SELECT CAST(value AS INTEGER) FROM meta WHERE key='seq')"
+                )
             self._files: dict[str, FileState] = {
-                row[0]: FileState(row[1], row[2], row[3], row[4])
-                for row in self._db.execute("SELECT path, version, sha256, size, mode FROM files")
+                row[0]: FileState(row[1], row[2], row[3], row[4], row[5])
+                for row in self._db.execute(
+                    "SELECT path, version, sha256, size, mode, seq FROM files"
+                )
             }
             self._meta: dict[str, object] = {
                 k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM meta")
@@ -162,8 +180,8 @@ class StateStore:
                         self._db.execute("DELETE FROM files WHERE path=?", (path,))
                     else:
                         self._db.execute(
-                            "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?)",
-                            (path, st.version, st.sha256, st.size, st.mode),
+                            "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)",
+                            (path, st.version, st.sha256, st.size, st.mode, st.seq),
                         )
                 for key, value in meta.items():
                     self._db.execute(
@@ -185,8 +203,8 @@ class StateStore:
             with self._transaction():
                 self._db.execute("DELETE FROM files")
                 self._db.executemany(
-                    "INSERT INTO files VALUES (?,?,?,?,?)",
-                    ((p, s.version, s.sha256, s.size, s.mode) for p, s in new.items()),
+                    "INSERT INTO files VALUES (?,?,?,?,?,?)",
+                    ((p, s.version, s.sha256, s.size, s.mode, s.seq) for p, s in new.items()),
                 )
                 for key, value in meta.items():
                     self._db.execute(

@@ -18,7 +18,7 @@ For every path the watcher reports (its bytes differ from what the sidecar last 
 A remote update for a path that was changed locally since its last sync is a conflict as well:
 the apply flow calls `check_remote` (or `before_apply`) before applying it.
 
-Pushes and conflict resolution run while `Applier.lock` is held (one attempt per hold; retries
+Pushes and conflict resolution run while the tree lock is held (one attempt per hold; retries
 wait outside it), so a remote update is never applied in the middle of a push. Losing bytes are
 saved as `state_dir/conflicts/<dir>/<name>.sync-conflict-<YYYYMMDD>-<HHMMSS>-<session>.<ext>`
 (Syncthing's naming). Last synced bytes of text files (up to `base_max_bytes`) are kept,
@@ -43,13 +43,14 @@ from typing import Any, Literal
 import aiohttp
 import structlog
 
-from sidecar.config import ConflictPolicy, Limits, Settings, TwoWaySettings
+from sidecar.config import ConflictPolicy, Settings, TwoWaySettings
 from sidecar.errors import SidecarError
 from sidecar.live.events import DeltaEvent, FileChange
 from sidecar.metrics import Metrics
 from sidecar.tree import fsio
 from sidecar.tree.paths import resolve_inside
-from sidecar.tree.state import FileState, StateStore
+from sidecar.tree.project import ProjectTree
+from sidecar.tree.state import FileState
 from sidecar.twoway.merge import is_text, merge3, unified_diff
 from sidecar.twoway.upstream import ConflictError, RemoteFile, Upstream, UpstreamError
 from sidecar.twoway.watcher import LocalChange, Watcher, _examine
@@ -238,8 +239,9 @@ class LocalSync:
     """Reports and pushes local changes and resolves conflicts (see the module docstring).
 
     Args:
-        project_dir, state_dir: the tree and the sidecar's own directory.
-        state: what the sidecar last synced; `lock` is `Applier.lock`.
+        tree: the project tree (its state is what the sidecar last synced; every write and
+            record here happens under its lock).
+        state_dir: the sidecar's own directory (bases, conflict copies).
         policy: SIDECAR_CONFLICT.
         send: broadcasts on the project channel (Subscription.send); None when the token may
             not write. A failing or denied send is counted and logged, never fatal.
@@ -250,13 +252,10 @@ class LocalSync:
 
     def __init__(
         self,
-        project_dir: Path,
+        tree: ProjectTree,
         state_dir: Path,
-        state: StateStore,
         metrics: Metrics,
         *,
-        lock: asyncio.Lock,
-        limits: Limits | None = None,
         policy: ConflictPolicy = "remote-wins",
         project_id: str = "local",
         session_id: str = "local",
@@ -274,12 +273,13 @@ class LocalSync:
     ) -> None:
         if policy not in ("remote-wins", "local-wins", "merge"):
             raise ValueError(f"unknown conflict policy {policy!r}")
-        self.project_dir = Path(project_dir).absolute()
+        self.tree = tree
+        self.project_dir = tree.root
         self.state_dir = Path(state_dir).absolute()
-        self.state = state
+        self.state = tree.state  # reads; records go through tree.commit
         self.metrics = metrics
-        self.lock = lock
-        self.limits = limits or Limits()
+        self.lock = tree.lock
+        self.limits = tree.limits
         self.policy: ConflictPolicy = policy
         self.project_id = project_id
         self.session_id = session_id
@@ -311,21 +311,17 @@ class LocalSync:
     def from_settings(
         cls,
         settings: Settings,
-        state: StateStore,
+        tree: ProjectTree,
         metrics: Metrics,
         *,
-        lock: asyncio.Lock,
         send: SendFn | None = None,
         upstream: Upstream | None = None,
     ) -> LocalSync:
-        """Build from Settings (policy, limits, identity, write mode)."""
+        """Build from Settings (policy, identity, write mode)."""
         return cls(
-            settings.project_dir,
+            tree,
             settings.state_dir,
-            state,
             metrics,
-            lock=lock,
-            limits=settings.limits,
             policy=settings.twoway.conflict,
             project_id=settings.project_id,
             session_id=settings.session_id,
@@ -342,9 +338,7 @@ class LocalSync:
         """
         kwargs.setdefault("ignore", self.ignore)
         return Watcher(
-            self.project_dir,
-            self.state,
-            lock=self.lock,
+            self.tree,
             state_dir=self.state_dir,
             max_read=self.limits.max_file_bytes,
             on_synced=self._on_synced,
@@ -600,7 +594,7 @@ class LocalSync:
         digest = None if data is None else hashlib.sha256(data).hexdigest()
         size = 0 if data is None else len(data)
         mode = ch.mode or (cur.mode if cur is not None and cur.mode else 0o644)
-        self.state.update({ch.path: FileState(version, digest, size, 0 if data is None else mode)})
+        self.tree.commit({ch.path: FileState(version, digest, size, 0 if data is None else mode)})
         if data is not None:
             old = cur.sha256 if cur is not None else None
             self.bases.put(data, digest, persist=True, replaces=old)
@@ -618,7 +612,7 @@ class LocalSync:
             await self.check_remote(change)
 
     async def before_publish(self, changes: Sequence[FileChange]) -> None:
-        """Applier hook: `check_remote_locked` for each change (Applier.lock is held)."""
+        """Applier hook: `check_remote_locked` for each change (the tree lock is held)."""
         for change in changes:
             await self.check_remote_locked(change)
 
@@ -632,7 +626,7 @@ class LocalSync:
     async def check_remote_locked(self, change: FileChange) -> bool:
         """Decide a remote change against local edits; True: apply it, False: it was handled.
 
-        The caller holds `Applier.lock` (an Applier hook calls this right before publishing).
+        The caller holds the tree lock (an Applier hook calls this right before publishing).
         remote-wins saves the local bytes aside and lets the remote apply; local-wins saves the
         remote bytes aside, records the remote version as seen and queues a push of the local
         bytes; merge writes a clean merge and queues its push, else acts as remote-wins.
@@ -709,7 +703,7 @@ class LocalSync:
             )
             if remote is not None:
                 self.bases.put(remote, change.content_hash, persist=True)
-        self.state.update({change.path: st})
+        self.tree.commit({change.path: st})
 
     # -- helpers --
 
@@ -784,15 +778,7 @@ class LocalSync:
             return f"{ch.size} bytes, over SIDECAR_MAX_FILE_BYTES={lim.max_file_bytes}"
         live = ch.known is not None and not ch.known.deleted
         old = ch.known.size if ch.known is not None and live else 0
-        if lim.max_bytes and ch.size > old:
-            total = self.state.total_bytes() - old + ch.size
-            if total > lim.max_bytes:
-                return f"{total} bytes, over SIDECAR_MAX_BYTES={lim.max_bytes}"
-        if lim.max_files and not live:
-            count = len(self.state.live()) + 1
-            if count > lim.max_files:
-                return f"{count} files, over SIDECAR_MAX_FILES={lim.max_files}"
-        return None
+        return self.tree.quota.over(ch.size - old, 0 if live else 1)
 
     def _change_payload(self, ch: LocalChange, *, with_diff: bool = True) -> dict[str, Any]:
         known = ch.known if ch.known is not None and not ch.known.deleted else None
@@ -882,7 +868,7 @@ class LocalSync:
         return c
 
     def _later_broadcast(self, event: str, payload: dict[str, Any]) -> None:
-        # Conflicts are found while the Applier lock is held: send once it is released.
+        # Conflicts are found while the tree lock is held: send once it is released.
         self._outbox.append((event, payload))
         self._wake.set()
 

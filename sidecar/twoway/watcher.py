@@ -2,7 +2,7 @@
 
 A path is a local change when its bytes differ from what the StateStore says the sidecar last
 synced: its sha256 differs from the state's, or it exists while the state knows no live file
-there, or it is gone while the state knows one. The comparison is made while `Applier.lock` is
+there, or it is gone while the state knows one. The comparison is made while the tree lock is
 held, and the Applier writes a file and records its sha256 under that same lock, so the
 sidecar's own writes are never mistaken for local changes, however many arrive at once.
 
@@ -33,6 +33,7 @@ import watchfiles
 from sidecar.config import TwoWaySettings
 from sidecar.tree import fsio
 from sidecar.tree.paths import STATE_DIR_NAME
+from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import FileState, StateStore
 
 __all__ = [
@@ -135,7 +136,7 @@ def examine(
 ) -> LocalChange | None:
     """Compare one path on disk with the state; None when it holds what was last synced.
 
-    Blocking (reads and hashes the file); call it with `Applier.lock` held. `max_read` > 0:
+    Blocking (reads and hashes the file); call it with the tree lock held. `max_read` > 0:
     files larger than that are hashed in chunks and reported with `data=None`.
     """
     return _examine(project_dir, rel, state, max_read)[0]
@@ -182,9 +183,8 @@ class Watcher:
     """Yields sets of project-relative paths that hold local changes (decided by content).
 
     Args:
-        project_dir: the tree to watch.
-        state: what the sidecar last synced (sha256 per path).
-        lock: `Applier.lock`; held while a path is compared, so no write of ours is misread.
+        tree: the tree to watch; its state is what the sidecar last synced (sha256 per path)
+            and its lock is held while a path is compared, so no write of ours is misread.
         state_dir: ignored when it lies inside project_dir (besides `.sidecar`).
         ignore: TwoWaySettings.ignore patterns.
         debounce_ms: how long a burst of events may be grouped before it is reported.
@@ -197,10 +197,8 @@ class Watcher:
 
     def __init__(
         self,
-        project_dir: Path,
-        state: StateStore,
+        tree: ProjectTree,
         *,
-        lock: asyncio.Lock | None = None,
         state_dir: Path | None = None,
         ignore: Iterable[str] = TwoWaySettings().ignore,
         debounce_ms: int = 50,
@@ -211,9 +209,10 @@ class Watcher:
         force_polling: bool | None = None,
         ready_timeout: float = 10.0,
     ) -> None:
-        self.project_dir = Path(project_dir).absolute()
-        self.state = state
-        self.lock = lock or asyncio.Lock()
+        self.tree = tree
+        self.project_dir = tree.root
+        self.state = tree.state
+        self.lock = tree.lock
         extra: list[str] = []
         if state_dir is not None:
             sd = Path(state_dir).absolute()

@@ -25,6 +25,7 @@ from sidecar.live.apply import THREAD_THRESHOLD, Applier, ResyncNeeded
 from sidecar.live.events import DeltaEvent, InvalidEventError, parse_event
 from sidecar.metrics import Metrics
 from sidecar.tree import fsio
+from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import FileState, StateStore
 
 IDS = {"project_id": "local", "session_id": "local"}
@@ -119,7 +120,7 @@ class Env:
     def applier(self, **kw: Any) -> Applier:
         limits = kw.pop("limits", Limits())
         kw.setdefault("fetch_backoff", 0.0)
-        ap = Applier(self.root, self.state, limits, self.metrics, **kw)
+        ap = Applier(ProjectTree(self.root, self.state, limits, self.metrics), self.metrics, **kw)
         self.appliers.append(ap)
         return ap
 
@@ -787,14 +788,14 @@ async def _converge(
     parsed = [parse_event(name, payload, {"replayed": False}) for name, payload in events]
     metrics = Metrics()
     state = StateStore(root / ".sidecar")
-    ap = Applier(root, state, Limits(), metrics, write_mode=mode)  # type: ignore[arg-type]
+    ap = Applier(ProjectTree(root, state, None, metrics), metrics, write_mode=mode)  # type: ignore[arg-type]
     try:
         for i, idx in enumerate(order):
             if i == restart_at:  # the sidecar restarts: new StateStore on the same directory
                 await ap.close()
                 state.close()
                 state = StateStore(root / ".sidecar")
-                ap = Applier(root, state, Limits(), metrics, write_mode=mode)  # type: ignore[arg-type]
+                ap = Applier(ProjectTree(root, state, None, metrics), metrics, write_mode=mode)  # type: ignore[arg-type]
             await ap.apply(parsed[idx])
         assert tree(root) == live
         assert temps(root) == []

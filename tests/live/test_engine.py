@@ -25,6 +25,7 @@ from sidecar.live.engine import SyncEngine, SyncTuning
 from sidecar.metrics import Metrics
 from sidecar.snapshot.manifest import FileEntry, Manifest
 from sidecar.tree.fsio import is_temp_name
+from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import FileState, StateStore
 
 Msg = tuple[str, dict[str, Any], dict[str, Any]]
@@ -171,7 +172,7 @@ async def rig(
     project.mkdir()
     state = StateStore(project / ".sidecar")
     metrics = Metrics("p1", "s1")
-    applier = Applier(project, state, limits or Limits(), metrics)
+    applier = Applier(ProjectTree(project, state, limits, metrics), metrics)
     link = Link()
     db = Db()
     snapshots: list[str] = []
@@ -182,7 +183,6 @@ async def rig(
 
     engine = SyncEngine(
         applier,
-        state,
         metrics,
         link=link,
         resync=do_resync if resync else None,
@@ -595,7 +595,7 @@ async def test_gap_converges_on_a_real_snapshot(tmp_path: Path, snapshot_server:
         )
 
         async def real_resync(url: str, sha256: str | None) -> Manifest:
-            return await hydrate(settings, r.state, r.metrics, url=url, sha256=sha256)
+            return await hydrate(settings, r.applier.tree, r.metrics, url=url, sha256=sha256)
 
         r.engine.resync_fn = real_resync
         r.engine.mark_hydrated(Manifest("p1", "s", 0, {}, seq=0))
@@ -671,7 +671,8 @@ async def test_network_gap_replay_then_snapshot(tmp_path: Path, snapshot_server:
     project.mkdir()
     state = StateStore(project / ".sidecar")
     metrics = Metrics("p1", "s1")
-    applier = Applier(project, state, Limits(), metrics)
+    ptree = ProjectTree(project, state)
+    applier = Applier(ptree, metrics)
     db = Db()
     settings = Settings(project_id="p1", project_dir=project, state_dir=project / ".sidecar")
     n_snap = 0
@@ -698,13 +699,12 @@ async def test_network_gap_replay_then_snapshot(tmp_path: Path, snapshot_server:
         return snapshot_server.url_for(f"p1/snap{n_snap}.tar.zst"), sha(data), db.seq
 
     async def resync(url: str, sha256: str | None) -> Manifest:
-        return await hydrate(settings, state, metrics, url=url, sha256=sha256)
+        return await hydrate(settings, ptree, metrics, url=url, sha256=sha256)
 
     knobs = Knobs(channel_error_backoff=0.05, connect_error_backoff=0.05)
     async with RealtimeServer(knobs=knobs) as rt:
         engine = SyncEngine(
             applier,
-            state,
             metrics,
             resync=resync,
             session_id="s1",
@@ -750,7 +750,7 @@ async def test_network_gap_replay_then_snapshot(tmp_path: Path, snapshot_server:
             url, digest, _ = publish_snapshot()
             # Rule 4: subscribed first; an edit made now is buffered during hydration.
             send(db.update("during-hydrate.txt", "buffered"))
-            manifest = await hydrate(settings, state, metrics, url=url, sha256=digest)
+            manifest = await hydrate(settings, ptree, metrics, url=url, sha256=digest)
             engine.mark_hydrated(manifest)
             await until(converged)
 

@@ -17,6 +17,7 @@ from sidecar.errors import QuotaExceededError, SnapshotInvalidError, UnsafePathE
 from sidecar.snapshot.build import build_snapshot
 from sidecar.snapshot.extract import PublishResult, SnapshotWriter, new_staging_dir, verify_tree
 from sidecar.snapshot.manifest import Manifest
+from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import StateStore
 
 from .archives import EOA, Snap, member, zst
@@ -52,7 +53,7 @@ def extract(
         for i in range(0, len(blob), chunk):
             w.feed(blob[i : i + chunk])
         w.finish()
-        return w.publish(state)
+        return w.publish(ProjectTree(project, state))
 
 
 def feed_all(w: SnapshotWriter, blob: bytes) -> Manifest:
@@ -318,7 +319,7 @@ def test_feed_after_error_keeps_failing(project: Path, state: StateStore) -> Non
     with pytest.raises(SnapshotInvalidError, match="already failed"):
         w.feed(b"more")
     with pytest.raises(SnapshotInvalidError, match="already failed"):
-        w.publish(state)
+        w.publish(ProjectTree(project, state))
     w.abort()
     assert tree(project) == {}
 
@@ -337,7 +338,7 @@ def test_file_larger_than_64_mib(tmp_path: Path, project: Path, state: StateStor
     with open(out, "rb") as f:
         while chunk := f.read(1 << 18):
             w.feed(chunk)
-    w.publish(state)
+    w.publish(ProjectTree(project, state))
     assert (project / "big.bin").stat().st_size == 70 << 20
     assert verify_tree(project, state) == []
 
@@ -390,7 +391,7 @@ def test_state_dir_with_another_name_inside_project_is_off_limits(tmp_path: Path
     w.abort()
     extract_into = SnapshotWriter(project, new_staging_dir(state_dir), Limits(), state=state)
     extract_into.feed(Snap(files={"ok": b"1"}).zst())
-    extract_into.publish(state)
+    extract_into.publish(ProjectTree(project, state))
     assert sorted(p.name for p in project.iterdir()) == [".state", "ok"]
     state.close()
 

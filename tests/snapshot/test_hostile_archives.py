@@ -15,6 +15,7 @@ import pytest
 from sidecar.config import Limits
 from sidecar.errors import ExitCode, QuotaExceededError, SnapshotInvalidError, UnsafePathError
 from sidecar.snapshot.extract import SnapshotWriter, new_staging_dir
+from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import StateStore
 
 from .archives import EOA, Snap, gnu_long, header, member, pad, pax, sha, zst
@@ -337,7 +338,7 @@ def consume(w: SnapshotWriter, blob: bytes, chunk: int, state: StateStore) -> No
     for i in range(0, len(blob), chunk):
         w.feed(blob[i : i + chunk])
     w.finish()
-    w.publish(state)
+    w.publish(ProjectTree(w.project_dir, state))
 
 
 @pytest.fixture
@@ -403,7 +404,7 @@ def test_setuid_and_setgid_bits_are_dropped(world: tuple[Path, Path, StateStore]
     blob = zst(s.manifest_member(s.manifest(entries)) + members + EOA)
     w = SnapshotWriter(project, new_staging_dir(project / ".sidecar"), Limits(), state=state)
     w.feed(blob)
-    w.publish(state)
+    w.publish(ProjectTree(project, state))
     assert stat.S_IMODE((project / "suid").stat().st_mode) == 0o755
     assert stat.S_IMODE((project / "sgid").stat().st_mode) == 0o644
     st = state.get("suid")

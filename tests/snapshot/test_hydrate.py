@@ -32,6 +32,7 @@ from sidecar.snapshot.hydrate import hydrate
 from sidecar.snapshot.manifest import Manifest
 from sidecar.snapshot.progress import Progress
 from sidecar.testing.snapshot_server import SnapshotServer
+from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import StateStore
 
 IDS = {"project_id": "local", "session_id": "local"}
@@ -85,6 +86,7 @@ class Env:
     state: StateStore
     metrics: Metrics
     server: SnapshotServer
+    _tree: ProjectTree | None = None
 
     @property
     def project(self) -> Path:
@@ -96,9 +98,17 @@ class Env:
         self.state = StateStore(self.settings.state_dir)
         self.metrics = Metrics()
 
+    @property
+    def tree(self) -> ProjectTree:
+        """The ProjectTree over the current state (one per StateStore, so that concurrent
+        hydrations of one Env share its locks)."""
+        if self._tree is None or self._tree.state is not self.state:
+            self._tree = ProjectTree(self.project, self.state, self.settings.limits)
+        return self._tree
+
     async def hydrate(self, url: str, **kw: Any) -> Manifest:
         return await hydrate(
-            self.settings, self.state, self.metrics, url=url, progress=Progress(enabled=False), **kw
+            self.settings, self.tree, self.metrics, url=url, progress=Progress(enabled=False), **kw
         )
 
     def count(self, outcome: str) -> float:
@@ -366,7 +376,7 @@ async def test_logs_never_contain_the_token(env: Env, v1: Path) -> None:
 async def test_missing_url_is_a_config_error(env: Env) -> None:
     """No SNAPSHOT_URL and no url argument: ConfigError naming SNAPSHOT_URL."""
     with pytest.raises(ConfigError, match="SNAPSHOT_URL"):
-        await hydrate(env.settings, env.state, env.metrics)
+        await hydrate(env.settings, env.tree, env.metrics)
 
 
 class _Tty(io.StringIO):

@@ -19,6 +19,7 @@ from sidecar.config import Limits
 from sidecar.errors import SnapshotInvalidError
 from sidecar.snapshot.build import build_snapshot
 from sidecar.snapshot.extract import SnapshotWriter, new_staging_dir, verify_tree
+from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import StateStore
 
 from .archives import EOA, Snap, member, zst
@@ -41,7 +42,7 @@ def _hydrate(project: Path, blob: bytes, state: StateStore) -> None:
         for i in range(0, len(blob), 50_000):
             w.feed(blob[i : i + 50_000])
         w.finish()
-        w.publish(state)
+        w.publish(ProjectTree(project, state))
 
 
 def _shell_snapshot(tmp_path: Path, src: Path, argv: list[str]) -> bytes:

@@ -28,6 +28,7 @@ from sidecar.metrics import Metrics
 from sidecar.redact import Secret
 from sidecar.testing.realtime.server import Knobs, RealtimeServer
 from sidecar.testing.rpc_server import RpcServer
+from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import FileState, StateStore
 from sidecar.twoway.localsync import BaseStore, Conflict, LocalSync, conflict_name
 from sidecar.twoway.upstream import Upstream
@@ -81,7 +82,7 @@ class Env:
         for rel, data in files.items():
             self.write(rel, data)
             self.state.update({rel: FileState(1, sha(data), len(data), 0o644)})
-        self.applier.recount()
+        self.applier.tree.recount()
         await self.ls.seed_bases()
 
     async def deliver(self, n: int | None = None) -> None:
@@ -140,7 +141,8 @@ async def make_env(
         state = StateStore(state_dir)
         stack.callback(state.close)
         metrics = Metrics(PROJECT, SESSION)
-        applier = Applier(root / "project", state, limits, metrics)
+        ptree = ProjectTree(root / "project", state, limits)
+        applier = Applier(ptree, metrics)
         stack.push_async_callback(applier.close)
         env_box: list[Env] = []
 
@@ -148,12 +150,9 @@ async def make_env(
             env_box[0].sent.append((event, payload))
 
         ls = LocalSync(
-            root / "project",
+            ptree,
             state_dir,
-            state,
             metrics,
-            lock=applier.lock,
-            limits=limits,
             policy=policy,
             project_id=PROJECT,
             session_id=SESSION,
@@ -731,7 +730,9 @@ def test_from_settings(tmp_path: Path) -> None:
     state = StateStore(s.state_dir)
     try:
         up = Upstream.from_settings(s, token="t")
-        ls = LocalSync.from_settings(s, state, Metrics(), lock=asyncio.Lock(), upstream=up)
+        ls = LocalSync.from_settings(
+            s, ProjectTree(s.project_dir, state, s.limits), Metrics(), upstream=up
+        )
         assert (ls.policy, ls.limits.max_bytes, ls.session_id) == ("merge", 1_000_000, "s9")
         assert "tmp" in ls.ignore
         assert ls.watcher().ignored("tmp/x")

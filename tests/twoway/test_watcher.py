@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from sidecar.config import Limits
 from sidecar.live.apply import Applier
 from sidecar.live.events import parse_event
 from sidecar.metrics import Metrics
+from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import FileState, StateStore
 from sidecar.twoway.localsync import LocalSync
 from sidecar.twoway.watcher import IgnoreRules, Watcher, examine
@@ -166,7 +166,7 @@ async def test_reports_a_local_edit_and_not_an_unchanged_write(
     """Rewriting the synced bytes is no change; a real edit is reported once armed."""
     (project / "a.txt").write_bytes(b"synced")
     record(state, "a.txt", b"synced")
-    async with running(Watcher(project, state, state_dir=project / ".sidecar")) as r:
+    async with running(Watcher(ProjectTree(project, state), state_dir=project / ".sidecar")) as r:
         (project / "a.txt").write_bytes(b"synced")  # same bytes: an echo
         (project / ".sidecar" / "junk").write_bytes(b"ignored")
         (project / "b.txt").write_bytes(b"new")
@@ -183,7 +183,7 @@ async def test_directories_expand_to_files(project: Path, state: StateStore) -> 
         (project / rel).parent.mkdir(parents=True, exist_ok=True)
         (project / rel).write_bytes(rel.encode())
         record(state, rel, rel.encode())
-    async with running(Watcher(project, state)) as r:
+    async with running(Watcher(ProjectTree(project, state))) as r:
         shutil.rmtree(project / "lib")
         found: set[str] = set()
         async with asyncio.timeout(5):
@@ -208,7 +208,7 @@ async def test_initial_scan_reports_offline_changes(project: Path, state: StateS
     record(state, "removed.txt", b"r")
     (project / "node_modules").mkdir()
     (project / "node_modules" / "dep.js").write_bytes(b"d")
-    w = Watcher(project, state, initial_scan=True)
+    w = Watcher(ProjectTree(project, state), initial_scan=True)
     async with running(w) as r:
         assert await r.next() == {"edited.txt", "removed.txt"}
 
@@ -225,7 +225,8 @@ async def test_echo_suppression_under_a_storm(
     file:local-change ever sent, no conflict was seen, and the watcher did drop echoes.
     """
     metrics = Metrics()
-    applier = Applier(project, state, Limits(), metrics, write_mode=write_mode)  # type: ignore[arg-type]
+    ptree = ProjectTree(project, state)
+    applier = Applier(ptree, metrics, write_mode=write_mode)  # type: ignore[arg-type]
     sent: list[dict[str, Any]] = []
     got_sentinel = asyncio.Event()
 
@@ -234,7 +235,7 @@ async def test_echo_suppression_under_a_storm(
         if payload["path"] == "sentinel.txt":
             got_sentinel.set()
 
-    ls = LocalSync(project, project / ".sidecar", state, metrics, lock=applier.lock, send=send)
+    ls = LocalSync(ptree, project / ".sidecar", metrics, send=send)
     w = ls.watcher()
     task = asyncio.create_task(ls.run(w))
     try:
@@ -276,13 +277,11 @@ async def test_local_edit_gives_one_local_change_with_a_diff(
     async def send(event: str, payload: dict[str, Any]) -> None:
         sent.append((event, payload))
 
-    applier = Applier(project, state, Limits(), Metrics())
+    ptree = ProjectTree(project, state)
     ls = LocalSync(
-        project,
+        ptree,
         project / ".sidecar",
-        state,
         Metrics(),
-        lock=applier.lock,
         send=send,
         session_id="s1",
     )
@@ -317,3 +316,68 @@ async def test_local_edit_gives_one_local_change_with_a_diff(
         "s1",
     )
     assert isinstance(p["timestamp"], int)
+
+
+@pytest.mark.parametrize("files", [2_000, 8_000])
+async def test_resync_of_thousands_of_files_reports_no_local_change(
+    tmp_path: Path, project: Path, state: StateStore, snapshot_server: Any, files: int
+) -> None:
+    """A snapshot published at run time (a resync) is the sidecar's own write: zero
+    file:local-change while LocalSync and its watcher run, as `sidecar run` wires them.
+
+    1. hydrate snapshot A (files paths), then start LocalSync on a watcher with initial_scan;
+    2. hydrate snapshot B in place: every file rewritten, a tenth removed, a tenth new;
+    3. a sentinel local edit is made; 4. it is the only file:local-change ever sent. Before
+    the publish step took the tree's lock, 2,000 files gave 186 reports and 8,000 gave 1,478.
+    """
+    from sidecar.config import Settings
+    from sidecar.snapshot.build import build_snapshot
+    from sidecar.snapshot.hydrate import hydrate
+    from sidecar.snapshot.progress import Progress
+
+    metrics = Metrics()
+    ptree = ProjectTree(project, state, None, metrics)
+    settings = Settings(project_id="p1", project_dir=project, state_dir=project / ".sidecar")
+
+    def publish(name: str, tree: dict[str, bytes], seq: int) -> str:
+        src = tmp_path / f"src-{name}"
+        for rel, data in tree.items():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            (src / rel).write_bytes(data)
+        out = tmp_path / f"{name}.tar.zst"
+        versions = dict.fromkeys(tree, seq)
+        build_snapshot(src, out, project_id="p1", snapshot_id=name, seq=seq, versions=versions)
+        snapshot_server.add(f"{name}.tar.zst", out.read_bytes())
+        url: str = snapshot_server.url_for(f"{name}.tar.zst")
+        return url
+
+    a = {f"src/d{i % 40}/f{i}.ts": f"export const a{i} = 1;\n".encode() for i in range(files)}
+    b = {p: d + b"// b\n" for i, (p, d) in enumerate(a.items()) if i % 10}
+    b |= {f"new/n{i}.ts": b"new\n" for i in range(files // 10)}
+    url_a, url_b = publish("a", a, 1), publish("b", b, 2)
+    await hydrate(settings, ptree, metrics, url=url_a, progress=Progress(enabled=False))
+
+    sent: list[dict[str, Any]] = []
+    got_sentinel = asyncio.Event()
+
+    async def send(event: str, payload: dict[str, Any]) -> None:
+        sent.append(payload)
+        if payload["path"] == "sentinel.txt":
+            got_sentinel.set()
+
+    ls = LocalSync(ptree, project / ".sidecar", metrics, send=send)
+    w = ls.watcher(initial_scan=True)
+    task = asyncio.create_task(ls.run(w))
+    try:
+        async with asyncio.timeout(20):
+            await w.ready.wait()
+        await hydrate(settings, ptree, metrics, url=url_b, progress=Progress(enabled=False))
+        (project / "sentinel.txt").write_bytes(b"local")
+        async with asyncio.timeout(60):
+            await got_sentinel.wait()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert [p["path"] for p in sent] == ["sentinel.txt"]
+    assert ls.conflicts_total == 0
