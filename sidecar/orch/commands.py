@@ -45,6 +45,16 @@ def add_parsers(sub: Any, snap_sub: Any) -> None:
         default=None,
         help="write the token to FILE atomically (0600) for REALTIME_TOKEN_FILE; else stdout",
     )
+    publish = snap_sub.add_parser(
+        "publish",
+        help="orchestrator: build the project's snapshot from the database, upload, sign",
+    )
+    publish.add_argument("--project", required=True, help="the project's UUID")
+    publish.add_argument("--json", action="store_true", help="print one JSON object")
+    publish.add_argument("--level", type=int, default=3, help="zstd level (default 3)")
+    publish.add_argument(
+        "--work-dir", type=Path, default=None, help="where the snapshot is built (default: tmp)"
+    )
 
 
 def is_orchestrator_command(args: argparse.Namespace) -> bool:
@@ -72,7 +82,43 @@ async def dispatch(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """Run one orchestrator command; the exit code."""
     if args.command == "token":
         return _mint(args, env)
+    if args.snapshot_command == "publish":
+        return await _publish(args, env)
     raise AssertionError(args)
+
+
+async def _publish(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    import json
+    import uuid
+
+    import aiohttp
+
+    from sidecar.orch.publish import publish
+    from sidecar.orch.settings import OrchestratorEnv
+    from sidecar.orch.storage import StorageClient
+
+    settings = OrchestratorEnv.from_env(env)
+    try:
+        project = str(uuid.UUID(args.project))
+    except ValueError:
+        raise ConfigError(f"--project must be a UUID, got {args.project[:60]!r}") from None
+    async with aiohttp.ClientSession() as session:
+        storage = StorageClient(settings.supabase_url, settings.service_key, session)
+        result = await publish(
+            project,
+            dsn=settings.database_url,
+            storage=storage,
+            bucket=settings.bucket,
+            expires_in=settings.url_ttl,
+            work_dir=args.work_dir,
+            level=args.level,
+        )
+    if args.json:
+        sys.stdout.write(json.dumps(result.as_json()) + "\n")
+    else:
+        sys.stdout.write(f"SNAPSHOT_URL={result.snapshot_url}\nSNAPSHOT_SHA256={result.sha256}\n")
+    sys.stdout.flush()
+    return 0
 
 
 def _mint(args: argparse.Namespace, env: Mapping[str, str]) -> int:

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from sidecar.errors import SidecarError
+from sidecar.errors import ExitCode, SidecarError
 from sidecar.redact import register_secret
 
 __all__ = ["StorageClient", "StorageError"]
@@ -29,6 +29,8 @@ _CHUNK = 1 << 20
 
 class StorageError(SidecarError):
     """A Storage request failed: `status` is the body's statusCode (else the HTTP status)."""
+
+    exit_code = ExitCode.SNAPSHOT_UNAVAILABLE
 
     def __init__(self, action: str, key: str, status: str, error: str, message: str) -> None:
         self.status = status

@@ -13,7 +13,8 @@ import os
 import stat
 import tarfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,7 +28,14 @@ from sidecar.snapshot.extract import check_symlink_chains
 from sidecar.snapshot.manifest import MANIFEST_NAME, FileEntry, Manifest, check_link_target
 from sidecar.tree.paths import STATE_DIR_NAME, check_rel_path
 
-__all__ = ["build_snapshot", "parse_created_at", "source_date_epoch_ms"]
+__all__ = [
+    "build_snapshot",
+    "parse_created_at",
+    "snapshot_id_for",
+    "source_date_epoch_ms",
+    "tree_order",
+    "write_files_snapshot",
+]
 
 log = structlog.get_logger(component="snapshot_build")
 
@@ -95,8 +103,7 @@ def build_snapshot(
             )
     check_symlink_chains({p: e.target for p, e in files.items() if e.target is not None})
     if snapshot_id is None:
-        draft = Manifest(project_id, "", created_at, files, seq)
-        snapshot_id = "sha256-" + hashlib.sha256(draft.to_bytes()).hexdigest()[:32]
+        snapshot_id = snapshot_id_for(project_id, created_at, files, seq)
     manifest = Manifest(
         project_id=project_id, snapshot_id=snapshot_id, created_at=created_at, files=files, seq=seq
     )
@@ -115,6 +122,48 @@ def build_snapshot(
         "snapshot_build.done", snapshot_id=snapshot_id, files=len(files), bytes=manifest.total_bytes
     )
     return manifest
+
+
+def snapshot_id_for(
+    project_id: str, created_at: int, files: Mapping[str, FileEntry], seq: int | None
+) -> str:
+    """The default snapshot_id: a hash of the manifest without its id (same content, same id)."""
+    draft = Manifest(project_id, "", created_at, files, seq)
+    return "sha256-" + hashlib.sha256(draft.to_bytes()).hexdigest()[:32]
+
+
+def tree_order(path: str) -> tuple[bytes, ...]:
+    """The sort key of the order `build_snapshot` walks a tree in: depth first, each directory's
+    names by bytes (so "a/z" comes before "a.txt", unlike a plain string sort)."""
+    return tuple(part.encode("utf-8") for part in path.split("/"))
+
+
+def write_files_snapshot(
+    out: BinaryIO,
+    manifest: Manifest,
+    open_file: Callable[[FileEntry], AbstractContextManager[BinaryIO]],
+    *,
+    level: int = 3,
+) -> None:
+    """Write manifest's regular files as a snapshot, reading each through open_file, in
+    `tree_order` (open_file is called in that order, once per file), with the directory
+    members `build_snapshot` writes for the same tree: the same files, ids, created_at and seq
+    give the same bytes as `build_snapshot` of those files on disk with mode 0644.
+
+    A reader whose bytes do not match the manifest's sha256 and size raises
+    SnapshotInvalidError.
+    """
+    items: list[_Item] = []
+    seen: set[str] = set()
+    for path in sorted(manifest.files, key=tree_order):
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            if parent not in seen:
+                seen.add(parent)
+                items.append(_Item(parent, "d", ""))
+        items.append(_Item(path, "f", ""))
+    _write(out, manifest, items, level, lambda item: open_file(manifest.files[item.rel]))
 
 
 def source_date_epoch_ms(environ: Mapping[str, str]) -> int | None:
@@ -196,7 +245,17 @@ class _HashingReader(io.RawIOBase):
         return data
 
 
-def _write(out: BinaryIO, manifest: Manifest, items: list[_Item], level: int) -> None:
+def _open_item(item: _Item) -> AbstractContextManager[BinaryIO]:
+    return open(item.abs, "rb")
+
+
+def _write(
+    out: BinaryIO,
+    manifest: Manifest,
+    items: list[_Item],
+    level: int,
+    open_item: Callable[[_Item], AbstractContextManager[BinaryIO]] = _open_item,
+) -> None:
     mtime = manifest.created_at // 1000
     cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
     with (
@@ -217,7 +276,7 @@ def _write(out: BinaryIO, manifest: Manifest, items: list[_Item], level: int) ->
                 info.linkname = entry.target or ""
                 tar.addfile(info)
                 continue
-            with open(item.abs, "rb") as f:
+            with open_item(item) as f:
                 reader = _HashingReader(f)
                 try:
                     tar.addfile(

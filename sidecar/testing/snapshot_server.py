@@ -444,6 +444,10 @@ class SnapshotServer(LoopbackServer):
         app.router.add_post(OBJECT_PREFIX + "{key:.+}", self._handle_upload)
         app.router.add_put(OBJECT_PREFIX + "{key:.+}", self._handle_upload)
 
+    def object_keys(self) -> list[str]:
+        """The keys ("<bucket>/<path>") of the objects uploaded or added, sorted."""
+        return sorted(self._objects)
+
     def stored(self, key: str) -> bytes | None:
         """The bytes of an object ("<bucket>/<path>") uploaded or added, None if absent."""
         obj = self._objects.get(key)

@@ -1,0 +1,148 @@
+"""Reads a project's current files and `seq` from PostgreSQL, consistently and memory bounded.
+
+One `REPEATABLE READ READ ONLY` transaction: every statement sees the same MVCC snapshot,
+which holds a prefix of the commit order and so exactly the files after event `seq` (writers
+lock the project's counter row to commit; see the header of sidecar/sql/001_sidecar.sql). The
+metadata (path, version, sha256, size) comes first, for the manifest; the bodies then stream
+through a server-side cursor in the snapshot's member order, a batch of at most
+`_BATCH_BYTES` (or one row) at a time, so memory stays bounded whatever the project's size.
+
+`created_at` is the time event `seq` was logged (sidecar.events), not the clock of this read,
+so the same files and seq always give the same snapshot bytes and snapshot_id.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import psycopg
+
+from sidecar.errors import ConfigError, SnapshotInvalidError
+from sidecar.snapshot.build import tree_order
+from sidecar.snapshot.manifest import FileEntry
+
+__all__ = ["ProjectState", "read_project"]
+
+_BATCH_BYTES = 8 << 20
+_BATCH_ROWS = 256
+
+# Member order = sidecar/snapshot/build.py tree_order: path components compared as bytes.
+_ORDER = """string_to_array(f.file_path, '/') collate "C" """
+
+_HEAD = """
+select p.seq,
+       (extract(epoch from coalesce(
+          (select e.created_at from sidecar.events e
+            where e.project_id = p.project_id and e.seq = p.seq),
+          (select max(f.updated_at) from public.project_files f
+            where f.project_id = p.project_id),
+          p.created_at)) * 1000)::bigint
+  from sidecar.projects p where p.project_id = %s
+"""
+
+_META = f"""
+select f.file_path, f.version, f.content_hash, f.size
+  from public.project_files f
+ where f.project_id = %s and f.is_current_version and not f.deleted
+ order by {_ORDER}
+"""
+
+_BODIES = f"""
+select f.file_path, f.file_type, f.content
+  from public.project_files f
+ where f.project_id = %s and f.is_current_version and not f.deleted
+ order by {_ORDER}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectState:
+    """What one consistent read saw (bodies are streamed separately)."""
+
+    project_id: str
+    seq: int
+    created_at: int  # ms
+    files: dict[str, FileEntry]
+
+
+@contextmanager
+def read_project(
+    dsn: str, project_id: str
+) -> Iterator[tuple[ProjectState, Callable[[FileEntry], Any]]]:
+    """Open the consistent read: (state, open_file) where open_file(entry) is a context
+    manager giving that file's bytes; call it in `tree_order`, once per file.
+
+    Raises ConfigError for an unknown project, SnapshotInvalidError for a row whose body does
+    not match its recorded hash or order.
+    """
+    with (
+        psycopg.connect(dsn, autocommit=True, application_name="sidecar-publish") as conn,
+        conn.transaction(),
+    ):
+        conn.execute("set transaction isolation level repeatable read, read only")
+        row = conn.execute(_HEAD, (project_id,)).fetchone()
+        if row is None:
+            raise ConfigError(f"project {project_id} is not registered in the database")
+        seq, created_at = int(row[0]), int(row[1])
+        files: dict[str, FileEntry] = {}
+        order: list[str] = []
+        for path, version, digest, size in conn.execute(_META, (project_id,)):
+            files[path] = FileEntry(path, int(size), str(digest), 0o644, int(version))
+            order.append(path)
+        if order != sorted(order, key=tree_order):
+            # The database's collation disagrees with the member order: a bug, not data.
+            raise AssertionError("the database ordered paths unlike tree_order")
+        state = ProjectState(project_id, seq, created_at, files)
+        with conn.cursor(name="sidecar_publish_bodies") as cur:
+            cur.execute(_BODIES, (project_id,))
+            yield state, _Bodies(cur, order, files).open
+
+
+class _Bodies:
+    """Hands out the cursor's rows one file at a time, fetching in size-bounded batches."""
+
+    def __init__(
+        self, cur: psycopg.Cursor[Any], order: list[str], files: dict[str, FileEntry]
+    ) -> None:
+        self._cur = cur
+        self._order = order
+        self._files = files
+        self._next = 0  # index in order of the next row the cursor will return
+        self._batch: list[tuple[str, str, str]] = []
+
+    def _fill(self) -> None:
+        budget, count = 0, 0
+        for path in self._order[self._next :]:
+            budget += self._files[path].size
+            count += 1
+            if budget >= _BATCH_BYTES or count >= _BATCH_ROWS:
+                break
+        rows = self._cur.fetchmany(max(1, count))
+        self._next += len(rows)
+        self._batch = list(reversed(rows))
+
+    @contextmanager
+    def open(self, entry: FileEntry) -> Iterator[BinaryIO]:
+        if not self._batch:
+            self._fill()
+        if not self._batch:
+            raise SnapshotInvalidError(f"{entry.path!r}: the database returned fewer files")
+        path, file_type, content = self._batch.pop()
+        if path != entry.path:
+            raise SnapshotInvalidError(f"{entry.path!r}: the database returned {path!r} instead")
+        yield io.BytesIO(_bytes(path, file_type, content))
+
+
+def _bytes(path: str, file_type: str, content: str) -> bytes:
+    if file_type == "binary":
+        try:
+            return base64.b64decode(content, validate=True)
+        except (binascii.Error, ValueError):
+            raise SnapshotInvalidError(f"{path!r}: stored base64 is corrupt") from None
+    return content.encode("utf-8")
