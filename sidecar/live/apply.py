@@ -1,5 +1,6 @@
-"""Applies delta events to PROJECT_DIR: contract rules 1 (versions), 2 (hashes), 3 (no-op writes)
-and 6 (bulks all-or-nothing), with quotas, safe paths and atomic or in-place writes.
+"""Applies delta events to PROJECT_DIR: delta rules 1 (versions), 2 (hashes), 3 (no-op writes)
+and 6 (bulks all-or-nothing) of `sidecar/live/__init__.py`, with quotas, safe paths and atomic or
+in-place writes.
 
 Coordination with the watcher (two-way sync): the state's sha256 is the source of truth for
 "the sidecar wrote this". Every write and its state record happen together while the

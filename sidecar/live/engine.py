@@ -1,5 +1,6 @@
-"""The sync engine: contract rules 4 (buffer until hydrated) and 5 (gap-free seq, replay,
-snapshot:request / snapshot:ready re-convergence) between the subscription and the Applier.
+"""The sync engine: delta rules 4 (buffer until hydrated) and 5 (gap-free seq, replay,
+snapshot:request / snapshot:ready re-convergence) of `sidecar/live/__init__.py`, between the
+subscription and the Applier.
 
 Raw broadcasts are queued by `on_message` (called from realtime-py's listener, so it only
 enqueues). `run()` parses them (invalid ones are counted as rejected and skipped), buffers
@@ -43,7 +44,7 @@ log = structlog.get_logger(component="sync")
 ResyncFn = Callable[[str, str | None], Awaitable[Manifest]]
 OnApplied = Callable[[list[str]], "Awaitable[None] | None"]
 REJECTED = "sidecar:rejected"  # placeholder for an invalid event that carried a seq
-REPLAY_LIMIT = 25  # what one replay can deliver (protocol notes section 5)
+REPLAY_LIMIT = 25  # what one replay can deliver (delta rule 5)
 
 
 class ChannelLink(Protocol):

@@ -1,6 +1,7 @@
 """Supervised subscription to the project's private Realtime channel (realtime-py 2.34.1).
 
-realtime-py alone does not survive a long-running session (see the protocol notes, section 7):
+realtime-py alone does not survive a long-running session (`tests/live/test_subscription.py`
+shows each case against `sidecar/testing/realtime/`):
 it gives up reconnecting silently, a server `phx_close` removes the channel for good, a raising
 callback turns the client into a zombie, and a stalled TCP connection goes unnoticed for 40 s.
 `Subscription` owns one client at a time and rebuilds it (close the old one, new client, new
@@ -40,7 +41,8 @@ log = structlog.get_logger(component="subscription")
 
 OnMessage = Callable[[str, dict[str, Any], dict[str, Any] | None], None]
 
-# Join/system errors that mean "this token will not do" (protocol notes 1.5, 2.2, 3).
+# Join/system errors that mean "this token will not do" (the reasons the real server sends,
+# reproduced by sidecar/testing/realtime/socket.py).
 AUTH_ERROR_CODES = (
     "Unauthorized",
     "InvalidJWTToken",
@@ -402,7 +404,7 @@ class Subscription:
         return stable, self._rebuild_reason or "unhealthy"
 
     def _health(self, b: _Build) -> tuple[str, str]:
-        """('ok'|'degraded'|'dead', why) from realtime-py's internals (protocol notes 7.7)."""
+        """('ok'|'degraded'|'dead', why) from realtime-py 2.34.1's private attributes."""
         c, ch = b.client, b.channel
         listener = c._listen_task
         if listener is not None and listener.done():

@@ -314,7 +314,7 @@ def phase_initial(model: Model) -> None:
     model.delete("empty.txt")
     wait_tree(model, "file:delete")
 
-    # Stale: a version not above what the sidecar knows changes nothing (rule 1).
+    # Stale: a version not above what the sidecar knows changes nothing (delta rule 1, sidecar/live/__init__.py).
     stale_v = model.versions["README.md"]
     model.update("README.md", b"stale bytes\n", version=stale_v, expect_applied=False)
     # Unsafe: a path leaving PROJECT_DIR is rejected, the sidecar keeps running. It carries the

@@ -155,7 +155,7 @@ async def test_token_replaced_after_expiry_rebuilds_and_catches_up(tmp_path: Pat
             await sc.wait_tree(stack.files)
 
 
-# -- every server fault of the protocol notes (8.8), against one sidecar process in sequence --
+# -- every server fault of sidecar/testing/realtime/faults.py, against one sidecar process in sequence --
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Tests for sidecar.live.apply: contract rules 1, 2, 3 and 6 on real files, with a real HTTP server."""
+"""Tests for sidecar.live.apply: delta rules 1, 2, 3 and 6 (sidecar/live/__init__.py) on real files, with a real HTTP server."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""SyncEngine: rule 4 (buffer until hydrated) and rule 5 (seq gaps, replay, snapshot:request /
-snapshot:ready), hostile input, coalescing, and random delivery histories (Hypothesis)."""
+"""SyncEngine: delta rules 4 (buffer until hydrated) and 5 (seq gaps, replay, snapshot:request /
+snapshot:ready) of sidecar/live/__init__.py, hostile input, coalescing, and random delivery histories (Hypothesis)."""
 
 from __future__ import annotations
 

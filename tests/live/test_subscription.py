@@ -1,5 +1,5 @@
 """Subscription against the real test RealtimeServer and real realtime-py 2.34.1: join, auth,
-every server fault of the protocol notes (section 8.8), token rotation and expiry, fatal refusal."""
+every server fault of sidecar/testing/realtime/faults.py, token rotation and expiry, fatal refusal."""
 
 from __future__ import annotations
 

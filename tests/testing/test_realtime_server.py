@@ -1,8 +1,8 @@
-"""RealtimeServer conformance: the §8 checklist, with real realtime-py 2.34.1 and raw WebSockets.
+"""RealtimeServer conformance: the checklist of what a client can observe, with real realtime-py 2.34.1 and raw WebSockets.
 
 Protocol-level checks use a raw aiohttp WebSocket client ("RawClient"); `sync()` sends a heartbeat
 and returns the frames that arrived before its reply, which makes "nothing was sent" assertions
-deterministic (the server handles a socket's frames in order). Client-behaviour checks (§8.10)
+deterministic (the server handles a socket's frames in order). Client-behaviour checks
 drive the real realtime-py client. All but one test use near-zero error backoffs.
 """
 
@@ -216,7 +216,7 @@ def frame_keys_ok(frames: list[Any]) -> bool:
     return all(set(f) == {"topic", "event", "payload", "ref"} for f in frames)
 
 
-# ---- §8.1 handshake ---------------------------------------------------------------------------
+# ---- handshake ---------------------------------------------------------------------------
 
 
 async def test_handshake_paths_vsn_and_403(rt: RealtimeServer, http: aiohttp.ClientSession) -> None:
@@ -257,7 +257,7 @@ async def test_gateway_mode_keys(rt: RealtimeServer, http: aiohttp.ClientSession
 
 
 async def test_jwt_mode_errors_after_connect_backoff(http: aiohttp.ClientSession) -> None:
-    """JWT mode: §1.3 status and `{"error": ...}` bodies, each after connect_error_backoff."""
+    """JWT mode: the real server's status and `{"error": ...}` bodies, each after connect_error_backoff."""
     async with RealtimeServer(knobs=fast_knobs(auth_mode="jwt", connect_error_backoff=0.2)) as rt:
         header = base64.urlsafe_b64encode(b'{"alg":"none"}').rstrip(b"=").decode()
         body = base64.urlsafe_b64encode(b'{"role":"anon","exp":9999999999}').rstrip(b"=").decode()
@@ -333,7 +333,7 @@ async def test_suspended_tenant(rt: RealtimeServer, http: aiohttp.ClientSession)
             )
 
 
-# ---- §8.2 / §8.3 heartbeat and parsing -----------------------------------------------------------
+# ---- heartbeat and parsing -----------------------------------------------------------
 
 
 async def test_heartbeat_reply(rt: RealtimeServer) -> None:
@@ -414,7 +414,7 @@ async def test_frames_of_a_socket_are_sequential(rt: RealtimeServer) -> None:
         assert time.monotonic() - started >= 0.3
 
 
-# ---- §8.4 phx_join ------------------------------------------------------------------------------
+# ---- phx_join ------------------------------------------------------------------------------
 
 
 def _deny_unless_ok(claims: Any, _topic: str) -> Policy:
@@ -524,7 +524,7 @@ JOIN_ERRORS: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
     ("knobs", "join", "reason"), [c[1:] for c in JOIN_ERRORS], ids=[c[0] for c in JOIN_ERRORS]
 )
 async def test_join_error_reasons(knobs: dict[str, Any], join: dict[str, Any], reason: str) -> None:
-    """Each refused join replies `{"status":"error","response":{"reason":...}}` with §1.5/§2.2 text."""
+    """Each refused join replies `{"status":"error","response":{"reason":...}}` with the real server's text."""
     async with RealtimeServer(knobs=fast_knobs(**knobs)) as rt, raw(rt) as c:
         join = dict(join)
         tok = join.pop("tok", {})
@@ -734,11 +734,11 @@ async def test_leave(rt: RealtimeServer) -> None:
         assert not rt.joined(TOPIC)
 
 
-# ---- §8.5 token lifecycle -----------------------------------------------------------------------
+# ---- token lifecycle -----------------------------------------------------------------------
 
 
 async def test_py_token_expiry_closes_channel(rt: RealtimeServer) -> None:
-    """§8.10-3: expiry while joined → system error + phx_close → CHANNEL_ERROR, CLOSED, removed."""
+    """Expiry while joined → system error + phx_close → CHANNEL_ERROR, CLOSED, removed."""
     async with py_client(rt) as client:
         ch, states, _ = await py_subscribe(client, rt.make_token(exp_in=2))
         assert states.states == [SUBSCRIBED]
@@ -766,7 +766,7 @@ async def test_py_token_expiry_closes_channel(rt: RealtimeServer) -> None:
 
 
 async def test_py_refresh_keeps_channel_alive_without_reply(rt: RealtimeServer) -> None:
-    """§8.10-4: set_auth before exp keeps the channel past the old exp; no reply is sent."""
+    """Set_auth before exp keeps the channel past the old exp; no reply is sent."""
     async with py_client(rt) as client:
         short = rt.make_token(exp_in=2)
         old_exp = jwt.decode(short, options={"verify_signature": False})["exp"]
@@ -854,7 +854,7 @@ async def test_expiry_timer_uses_confirm_interval(rt: RealtimeServer) -> None:
         assert frames[0]["payload"]["message"].startswith("Token has expired")
 
 
-# ---- §8.6 client broadcast ------------------------------------------------------------------------
+# ---- client broadcast ------------------------------------------------------------------------
 
 
 async def test_client_broadcast_relay_ack_self_and_write_cache(rt: RealtimeServer) -> None:
@@ -945,11 +945,11 @@ async def test_write_denied_and_size_limit(rt: RealtimeServer) -> None:
         assert await a.sync() == []  # nothing was relayed
 
 
-# ---- §8.7 injection API -------------------------------------------------------------------------
+# ---- injection API -------------------------------------------------------------------------
 
 
 async def test_py_send_db_reaches_on_broadcast(rt: RealtimeServer) -> None:
-    """§8.10-1: SUBSCRIBED; send_db arrives with meta.id and payload.id, without `type`."""
+    """SUBSCRIBED; send_db arrives with meta.id and payload.id, without `type`."""
     async with py_client(rt) as client:
         _, states, got = await py_subscribe(client, rt.make_token())
         assert states.states == [SUBSCRIBED]
@@ -997,7 +997,7 @@ async def test_send_db_rules(rt: RealtimeServer) -> None:
 
 
 async def test_py_replay_latest_25_and_float_since(rt: RealtimeServer) -> None:
-    """§8.10-7: since=0 with 30 rows gives the latest 25 oldest first; a float since is refused."""
+    """Since=0 with 30 rows gives the latest 25 oldest first; a float since is refused."""
     ids = [rt.send_db(TOPIC, "file:update", {"n": n}) for n in range(30)]
     async with py_client(rt) as client:
         _, _states, got = await py_subscribe(
@@ -1186,7 +1186,7 @@ async def test_v2_protocol(rt: RealtimeServer, http: aiohttp.ClientSession) -> N
         ]
 
 
-# ---- §8.8 faults -------------------------------------------------------------------------------
+# ---- faults -------------------------------------------------------------------------------
 
 
 async def test_py_crash_rejoins(rt: RealtimeServer) -> None:
@@ -1236,7 +1236,7 @@ async def test_server_disconnect_and_close_codes(rt: RealtimeServer) -> None:
 
 
 async def test_py_abort_reconnects_with_latest_token(rt: RealtimeServer) -> None:
-    """§8.10-5: abort() → CHANNEL_ERROR, immediate reconnect, rejoin with the newest token."""
+    """Abort() → CHANNEL_ERROR, immediate reconnect, rejoin with the newest token."""
     async with py_client(rt) as client:
         _, states, _ = await py_subscribe(client, rt.make_token())
         newest = rt.make_token(role="newest")
@@ -1253,7 +1253,7 @@ async def test_py_abort_reconnects_with_latest_token(rt: RealtimeServer) -> None
 
 
 async def test_py_gives_up_after_refused_reconnects(rt: RealtimeServer) -> None:
-    """§8.10-6: refuse_connects(401) + abort() → 5 failed attempts, InvalidStatus in _listen_task."""
+    """Refuse_connects(401) + abort() → 5 failed attempts, InvalidStatus in _listen_task."""
     async with py_client(rt, initial_backoff=0.02) as client:
         await py_subscribe(client, rt.make_token())
         rt.refuse_connects(401)
@@ -1409,7 +1409,7 @@ async def test_joins_per_second_limit(http: aiohttp.ClientSession) -> None:
 
 
 async def test_py_drops_broadcast_without_ref(rt: RealtimeServer) -> None:
-    """§8.10-8: realtime-py drops a broadcast frame without a `ref` key; ours always carry one."""
+    """Realtime-py drops a broadcast frame without a `ref` key; ours always carry one."""
     async with py_client(rt) as client:
         _, _, got = await py_subscribe(client, rt.make_token())
         rt.send_raw(
@@ -1427,7 +1427,7 @@ async def test_py_drops_broadcast_without_ref(rt: RealtimeServer) -> None:
 
 
 async def test_py_policy_denied_real_backoff_then_set_auth() -> None:
-    """§8.10-2 with the real 5 s backoff: CHANNEL_ERROR after ~5 s; set_auth → SUBSCRIBED."""
+    """With the real 5 s backoff: CHANNEL_ERROR after ~5 s; set_auth → SUBSCRIBED."""
     async with RealtimeServer(knobs=Knobs(connect_error_backoff=0.0)) as rt:
         assert rt.knobs.channel_error_backoff == 5.0
         rt.policy = _deny_unless_ok

@@ -67,14 +67,14 @@ class Knobs:
     Defaults are the real server's (self-hosted defaults, or hosted where it differs and matters).
     """
 
-    # Handshake (§1, §8.1)
+    # Handshake
     auth_mode: Literal["gateway", "jwt"] = "gateway"  # gateway: apikey must be a configured key
     connect_error_backoff: float = 2.0  # CONNECT_ERROR_BACKOFF_MS
     idle_timeout: float | None = 60.0  # Phoenix/cowboy websocket timeout; close 1000
     max_frame_size: int = 5_000_000  # inbound; larger → close 1009
     suspended: bool = False  # tenant suspended: handshake 403, joins RealtimeDisabledForTenant
     jwt_claim_validators: dict[str, Any] = field(default_factory=dict)  # JWT_CLAIM_VALIDATORS
-    # Joins (§2, §8.4)
+    # Joins
     channel_error_backoff: float = 5.0  # CHANNEL_ERROR_BACKOFF_MS, before every join error
     join_delay_s: float = 0.0  # hold every join (and the socket) this long before answering
     private_only: bool = False
@@ -92,14 +92,14 @@ class Knobs:
     presence_enabled: bool = False  # tenant-level presence_enabled
     confirm_token_interval: float = 300.0  # re-validate the channel token at least this often
     replication_ready_timeout: float = 60.0
-    # Broadcast (§4, §8.6, §8.9)
+    # Broadcast
     max_payload_kb: int = 3000  # hosted Free 256, Pro 3000
     payload_size_reply: Literal["string", "object"] = "string"  # ack reply shape when too big
     max_events_per_second: float | None = None  # hosted Free 100, Pro 500; avg over 60 s
     rate_limited: bool = False  # force the events-per-second limit to "triggered"
     replication_up: bool | None = None  # None: up once any client has connected
     retention_s: float = 72 * 3600.0
-    # Tracker (§1.6)
+    # Tracker
     zero_channel_sweep: float = 600.0  # NO_CHANNEL_TIMEOUT_IN_MS
 
     @classmethod
@@ -314,7 +314,7 @@ class Broker:
         self.messages.append(row)
         return row
 
-    # ---- injection API (§8.7) --------------------------------------------------------------------
+    # ---- injection API --------------------------------------------------------------------
 
     def send_db(
         self, topic: str, event: str, payload: Any, private: bool = True, id: str | None = None

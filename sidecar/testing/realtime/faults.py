@@ -1,4 +1,4 @@
-"""The server-side faults of a real Realtime (§8.8), as methods of the test server.
+"""The server-side faults of a real Realtime, as methods of the test server.
 
 A mixin of `RealtimeServer` (tests call `rt.crash(topic)`, `rt.refuse_connects(401)`...; the
 admin API calls the same by name). Each method acts on the open sockets through the socket's
@@ -227,7 +227,7 @@ class Faults:
         return len(victims)
 
     def rate_limit(self, triggered: bool = True) -> None:
-        """Force the tenant's events-per-second limit on or off (§4.2)."""
+        """Force the tenant's events-per-second limit on or off."""
         self.knobs.rate_limited = triggered
 
     def delay_next_join(self, seconds: float) -> None:

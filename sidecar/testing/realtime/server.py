@@ -1,11 +1,11 @@
 """A local Supabase Realtime for tests and the demo: Phoenix V1 (and V2) over aiohttp, with faults.
 
 Faithful to supabase/realtime 2.129.8 for what a realtime-py 2.34.1 client on a private broadcast
-channel can observe (see shared/reference/realtime-protocol.md §8): the handshake and its HTTP
+channel can observe: the handshake and its HTTP
 error bodies, heartbeats, the join checks with their exact `reason` strings and the 5 s error
 backoff, RLS emulated by a policy function, replay, duplicate joins, token expiry and refresh,
 client broadcasts, `realtime.send` and the REST broadcast API, the per-tenant rate limits, and
-every server-side fault of §8.8. Frames of one socket are handled one at a time, like the Phoenix
+every server-side fault (`faults.py`). Frames of one socket are handled one at a time, like the Phoenix
 transport process: a slow join holds the socket, and channel pushes queue behind it.
 
 Parts: this module is the listener (a `LoopbackServer`), the handshake and REST handlers and
