@@ -1,9 +1,11 @@
 """`sidecar demo`: the whole loop on one machine with nothing configured.
 
-Starts the embedded stack (a Realtime server, a Storage-style snapshot server, a PostgREST-style
-RPC server over an in-memory project table, and a producer answering snapshot requests), runs
-the real sidecar as a subprocess with a tiny dev server as its child, then edits the project
-the way the editor and a code generator would, and shows each change arriving.
+Starts the embedded stack (a Realtime server, a Storage-style snapshot server and the database
+side), runs the real sidecar as a subprocess with a tiny dev server as its child, then edits the
+project the way the editor and a code generator would, and shows each change arriving. The
+database is a throwaway PostgreSQL 15 with the shipped migration behind a PostgREST-style gateway
+(sidecar/testing/pgstack.py) when the server is installed; otherwise the in-memory RPC server
+and its producer stand in, and the demo says so.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -66,17 +70,84 @@ async def _run(workdir: Path, keep_running: bool) -> int:
             configure_logging("json", "warning", stream=sys.stderr)
 
 
+@dataclass
+class _Database:
+    """What the story needs from the database side, whichever one runs."""
+
+    project: str
+    label: str
+    url: str  # SUPABASE_URL
+    realtime_url: str
+    anon_key: str
+    token: Callable[[], str]
+    snapshot: tuple[str, str]
+    upsert: Callable[[str, bytes], Awaitable[object]]
+    delete: Callable[[str], Awaitable[object]]
+    bulk: Callable[[Mapping[str, bytes | None]], Awaitable[object]]
+    exists: Callable[[str], Awaitable[bool]]
+
+
+async def _database(stack: contextlib.AsyncExitStack) -> _Database:
+    from sidecar.testing.postgres import start_cluster, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is None:
+        from sidecar.testing.pgstack import PgStack
+
+        cluster = await asyncio.to_thread(start_cluster)
+        stack.callback(cluster.stop)
+        pg = await stack.enter_async_context(PgStack(cluster, SAMPLE, project=str(uuid.uuid4())))
+        snapshot = await pg.publish_snapshot()
+
+        async def exists(path: str) -> bool:
+            head = await pg.service("get_project_file", p_file_path=path)
+            return head is not None and not head["deleted"]
+
+        return _Database(
+            project=pg.project,
+            label=f"PostgreSQL 15 (port {cluster.port}) behind a PostgREST-style gateway "
+            f"{pg.rpc.url}",
+            url=pg.rpc.url,
+            realtime_url=pg.rt.url,
+            anon_key=pg.rt.anon_key,
+            token=lambda: pg.token(session_id="demo"),
+            snapshot=snapshot,
+            upsert=pg.editor_upsert,
+            delete=pg.editor_delete,
+            bulk=pg.editor_bulk,
+            exists=exists,
+        )
+    rt = await stack.enter_async_context(RealtimeServer())
+    snaps = await stack.enter_async_context(SnapshotServer())
+    rpc = await stack.enter_async_context(RpcServer(realtime=rt))
+    rpc.seed(PROJECT, SAMPLE)
+    producer = await stack.enter_async_context(
+        Producer(PROJECT, rpc=rpc, snapshots=snaps, realtime=rt)
+    )
+
+    async def exists_in_memory(path: str) -> bool:
+        return rpc.head(PROJECT, path) is not None
+
+    return _Database(
+        project=PROJECT,
+        label=f"an in-memory table at {rpc.url} ({reason})",
+        url=rpc.url,
+        realtime_url=rt.url,
+        anon_key=rt.anon_key,
+        token=lambda: rpc.make_token(PROJECT, session_id="demo"),
+        snapshot=producer.snapshot(),
+        upsert=lambda path, data: rpc.editor_upsert(PROJECT, path, data),
+        delete=lambda path: rpc.editor_delete(PROJECT, path),
+        bulk=lambda changes: rpc.editor_bulk(PROJECT, changes),
+        exists=exists_in_memory,
+    )
+
+
 async def _story(workdir: Path, project: Path, log_path: Path, keep_running: bool) -> int:
     async with contextlib.AsyncExitStack() as stack:
-        rt = await stack.enter_async_context(RealtimeServer())
-        snaps = await stack.enter_async_context(SnapshotServer())
-        rpc = await stack.enter_async_context(RpcServer(realtime=rt))
-        rpc.seed(PROJECT, SAMPLE)
-        producer = await stack.enter_async_context(
-            Producer(PROJECT, rpc=rpc, snapshots=snaps, realtime=rt)
-        )
-        url, sha = producer.snapshot()
-        _say(f"  stack: realtime {rt.url}, storage {snaps.base_url}, database {rpc.url}")
+        db = await _database(stack)
+        url, sha = db.snapshot
+        _say(f"  stack: realtime {db.realtime_url}, database: {db.label}")
         _say(f"  snapshot of {len(SAMPLE)} files published (signed URL, sha256 {sha[:12]}…)")
 
         http_port, dev_port = _free_port(), _free_port()
@@ -84,14 +155,14 @@ async def _story(workdir: Path, project: Path, log_path: Path, keep_running: boo
             **{k: v for k, v in os.environ.items() if not k.startswith(("SIDECAR_", "REALTIME_"))},
             "SNAPSHOT_URL": url,
             "SNAPSHOT_SHA256": sha,
-            "REALTIME_URL": rt.url,
-            "REALTIME_APIKEY": rt.anon_key,
-            "REALTIME_TOKEN": rpc.make_token(PROJECT, session_id="demo"),
-            "PROJECT_ID": PROJECT,
+            "REALTIME_URL": db.realtime_url,
+            "REALTIME_APIKEY": db.anon_key,
+            "REALTIME_TOKEN": db.token(),
+            "PROJECT_ID": db.project,
             "SESSION_ID": "demo",
             "PROJECT_DIR": str(project),
             "SIDECAR_HTTP_ADDR": f"127.0.0.1:{http_port}",
-            "SUPABASE_URL": rpc.url,
+            "SUPABASE_URL": db.url,
             "SIDECAR_UPSTREAM": "rpc",
             "LOG_FORMAT": "json",
         }
@@ -139,12 +210,12 @@ async def _story(workdir: Path, project: Path, log_path: Path, keep_running: boo
 
             await step(
                 "2. editor saved src/app.js, the dev server serves the new bytes",
-                rpc.editor_upsert(PROJECT, "src/app.js", b"document.title = 'v2';\n"),
+                db.upsert("src/app.js", b"document.title = 'v2';\n"),
                 {"src/app.js": b"document.title = 'v2';\n"},
             )
             await step(
                 "3. editor deleted notes.txt, it is gone",
-                rpc.editor_delete(PROJECT, "notes.txt"),
+                db.delete("notes.txt"),
                 {"notes.txt": None},
             )
             bulk = {
@@ -154,14 +225,14 @@ async def _story(workdir: Path, project: Path, log_path: Path, keep_running: boo
             }
             await step(
                 "4. a multi-file save arrived as one bulk:apply",
-                rpc.editor_bulk(PROJECT, bulk),
+                db.bulk(bulk),
                 bulk,
             )
 
             t0 = time.monotonic()
             (project / "src" / "generated.js").write_bytes(b"// written inside the container\n")
             await _wait(
-                lambda: _true(rpc.head(PROJECT, "src/generated.js") is not None),
+                lambda: db.exists("src/generated.js"),
                 10,
                 "local change pushed",
                 proc,
@@ -201,10 +272,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def _ok(session: aiohttp.ClientSession, url: str) -> bool:

@@ -79,7 +79,7 @@ def unavailable_reason() -> str | None:
             pwd.getpwnam(_OS_USER)
         except KeyError:
             return f"running as root and there is no OS user {_OS_USER!r} to run initdb as"
-        if shutil.which("runuser") is None:
+        if _runuser() is None:
             return "running as root and runuser(1) is not installed"
     return None
 
@@ -245,13 +245,19 @@ def _start(as_root: bool, bindir: Path, root: Path, port: int) -> PostgresCluste
 def _run(as_root: bool, exe: Path, *args: str) -> None:
     cmd = [str(exe), *args]
     if as_root:
-        cmd = ["runuser", "-u", _OS_USER, "--", *cmd]
+        cmd = [_runuser() or "runuser", "-u", _OS_USER, "--", *cmd]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd="/")
     if proc.returncode != 0:
         out = (proc.stderr or proc.stdout).strip().splitlines()
         raise PostgresUnavailableError(
             f"{exe.name} exited {proc.returncode}: {out[-1] if out else 'no output'}"
         )
+
+
+def _runuser() -> str | None:
+    # util-linux installs it in /usr/sbin, which a minimal PATH (as in tests) may leave out.
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    return shutil.which("runuser", path=path)
 
 
 def _free_port() -> int:

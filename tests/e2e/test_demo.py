@@ -8,21 +8,33 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.testing.postgres import unavailable_reason
+
 pytestmark = pytest.mark.e2e
 
 
-def test_demo_runs_the_whole_loop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("database", ["postgres", "in-memory"])
+def test_demo_runs_the_whole_loop(tmp_path: Path, database: str) -> None:
     """The demo hydrates, applies an update, a delete and a bulk, pushes a local change and
-    stops cleanly, saying so step by step."""
+    stops cleanly, saying so step by step; on PostgreSQL when it is installed, else on the
+    in-memory table."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    if database == "postgres":
+        if unavailable_reason() is not None:
+            pytest.skip(unavailable_reason())
+    else:
+        env["SIDECAR_PG_BINDIR"] = str(tmp_path / "no-postgres")
     proc = subprocess.run(
         [sys.executable, "-m", "sidecar", "demo", "--dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    label = "database: PostgreSQL 15" if database == "postgres" else "database: an in-memory table"
+    assert label in proc.stdout, proc.stdout
     for step in (
         "1. hydrated",
         "2. editor saved",

@@ -1,7 +1,10 @@
-"""The end-to-end stack on a real PostgreSQL: the Realtime test server in PostgreSQL mode, the
-PostgREST-compatible gateway, and the snapshot server; snapshots are built from
-`project_snapshot(with_content)`. It has the attributes `base_env`/`running_sidecar`
-(e2e_stack.py) read from a Stack: `rt`, `rpc` (the gateway), `project`, `token()`, `snapshot()`.
+"""The local stack on a real PostgreSQL, for the end-to-end tests and the demo.
+
+The Realtime test server in PostgreSQL mode (realtime/database.py), the PostgREST-compatible
+gateway (gateway.py) and the snapshot server, over a cluster from postgres.py with one
+registered project. Snapshots are built from `project_snapshot(with_content)`. The attribute
+names (`rt`, `rpc`, `project`, `token()`, `snapshot()`) are those tests/e2e/e2e_stack.py reads
+from its in-memory Stack, so the same sidecar runners work with both.
 """
 
 from __future__ import annotations
@@ -24,8 +27,6 @@ from sidecar.testing.realtime.database import PostgresMode
 from sidecar.testing.realtime.server import Knobs, RealtimeServer
 from sidecar.testing.snapshot_server import SnapshotServer
 
-from .e2e_stack import SAMPLE
-
 __all__ = ["PgStack"]
 
 SERVICE = {"role": "service_role"}
@@ -34,10 +35,12 @@ SERVICE = {"role": "service_role"}
 class PgStack:
     """One registered project on the cluster, seeded with `files`; an async context manager."""
 
-    def __init__(self, cluster: PostgresCluster, files: Mapping[str, bytes] | None = None) -> None:
+    def __init__(
+        self, cluster: PostgresCluster, files: Mapping[str, bytes], *, project: str | None = None
+    ) -> None:
         self.cluster = cluster
-        self.project = str(uuid.uuid4())
-        self.seed_files = dict(SAMPLE if files is None else files)
+        self.project = project or str(uuid.uuid4())
+        self.seed_files = dict(files)
         self._stack = contextlib.AsyncExitStack()
         self._snapshots: dict[int, tuple[str, str]] = {}
         self.rt: RealtimeServer
@@ -77,7 +80,8 @@ class PgStack:
     async def service(self, fn: str, **args: Any) -> Any:
         """Call an RPC as the service role (the editor's backend); the answer."""
         status, body = await self.rpc.call(fn, {"project_uuid": self.project, **args}, SERVICE)
-        assert status in (200, 204), (fn, status, body)
+        if status not in (200, 204):
+            raise RuntimeError(f"{fn} answered {status}: {body}")
         return body
 
     async def files(self) -> dict[str, bytes]:
@@ -99,6 +103,41 @@ class PgStack:
     async def seq(self) -> int:
         snap = await self.service("project_snapshot")
         return int(snap["seq"])
+
+    async def editor_upsert(self, path: str, data: bytes, *, session_id: str = "editor") -> int:
+        """Write a file as the editor would (its own token, last write wins); the version."""
+        [entry] = _entries({path: data})
+        args = {"p_file_path": path}
+        if "content_b64" in entry:
+            args.update(p_content=entry["content_b64"], p_file_type="binary")
+        else:
+            args.update(p_content=entry["content"])
+        return int((await self.editor("upsert_project_file", session_id, **args))["version"])
+
+    async def editor_delete(self, path: str, *, session_id: str = "editor") -> int:
+        """Delete a file as the editor would; the tombstone's version."""
+        return int(
+            (await self.editor("delete_project_file", session_id, p_file_path=path))["version"]
+        )
+
+    async def editor_bulk(
+        self, changes: Mapping[str, bytes | None], *, session_id: str = "editor"
+    ) -> int | None:
+        """Several writes (None deletes) as one bulk:apply; its seq."""
+        files = [
+            {"file_path": p, "action": "delete"} if d is None else _entries({p: d})[0]
+            for p, d in changes.items()
+        ]
+        seq = (await self.editor("bulk_upsert_project_files", session_id, files=files))["seq"]
+        return None if seq is None else int(seq)
+
+    async def editor(self, fn: str, session_id: str, **args: Any) -> Any:
+        """Call an RPC with an editor token of this project (as if over HTTP)."""
+        claims = {"role": "authenticated", "project_id": self.project, "session_id": session_id}
+        status, body = await self.rpc.call(fn, {"project_uuid": self.project, **args}, claims)
+        if status != 200:
+            raise RuntimeError(f"{fn} answered {status}: {body}")
+        return body
 
     # -- tokens, snapshots --
 
