@@ -55,6 +55,23 @@ def add_parsers(sub: Any, snap_sub: Any) -> None:
     publish.add_argument(
         "--work-dir", type=Path, default=None, help="where the snapshot is built (default: tmp)"
     )
+    worker = snap_sub.add_parser(
+        "worker", help="orchestrator: answer sidecars' snapshot requests (any number of replicas)"
+    )
+    worker.add_argument(
+        "--sweep-interval",
+        type=float,
+        default=30.0,
+        help="seconds between sweeps for requests whose notification was lost (default 30)",
+    )
+    worker.add_argument(
+        "--http-addr",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve /healthz and /metrics (default: SIDECAR_WORKER_HTTP_ADDR, else off)",
+    )
+    worker.add_argument("--level", type=int, default=3, help="zstd level (default 3)")
+    worker.add_argument("--work-dir", type=Path, default=None)
 
 
 def is_orchestrator_command(args: argparse.Namespace) -> bool:
@@ -84,7 +101,63 @@ async def dispatch(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return _mint(args, env)
     if args.snapshot_command == "publish":
         return await _publish(args, env)
+    if args.snapshot_command == "worker":
+        return await _worker(args, env)
     raise AssertionError(args)
+
+
+async def _worker(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    import asyncio
+    import signal
+
+    import aiohttp
+    from aiohttp import web
+
+    from sidecar.orch.settings import OrchestratorEnv
+    from sidecar.orch.storage import StorageClient
+    from sidecar.orch.worker import SnapshotWorker
+
+    settings = OrchestratorEnv.from_env(env)
+    if not 0.05 <= args.sweep_interval <= 3600:
+        raise ConfigError(f"--sweep-interval must be 0.05..3600 s, got {args.sweep_interval}")
+    addr = args.http_addr or env.get("SIDECAR_WORKER_HTTP_ADDR", "").strip() or None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with aiohttp.ClientSession() as session:
+        worker = SnapshotWorker(
+            settings.database_url,
+            StorageClient(settings.supabase_url, settings.service_key, session),
+            settings.bucket,
+            settings.url_ttl,
+            sweep_interval=args.sweep_interval,
+            work_dir=args.work_dir,
+            level=args.level,
+        )
+        runner: web.AppRunner | None = None
+        if addr and addr != "off":
+            host, _, port = addr.rpartition(":")
+            app = web.Application()
+
+            async def metrics(_request: web.Request) -> web.Response:
+                return web.Response(body=worker.metrics.render(), content_type="text/plain")
+
+            async def healthz(_request: web.Request) -> web.Response:
+                return web.json_response({"ok": True, "worker": worker.worker_id})
+
+            app.router.add_get("/metrics", metrics)
+            app.router.add_get("/healthz", healthz)
+            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await runner.setup()
+            await web.TCPSite(runner, host or "0.0.0.0", int(port)).start()
+            log.info("worker.http", addr=addr)
+        try:
+            await worker.run(stop)
+        finally:
+            if runner is not None:
+                await runner.cleanup()
+    return 0
 
 
 async def _publish(args: argparse.Namespace, env: Mapping[str, str]) -> int:

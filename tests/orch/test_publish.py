@@ -191,7 +191,8 @@ async def test_empty_project_publishes(
 async def test_credentials_are_checked_both_ways(
     project: str, pg_cluster: PostgresCluster, storage: SnapshotServer, tmp_path: Path
 ) -> None:
-    """publish refuses a scoped token or a publishable key (exit 78, one line), and an unknown
+    """publish and worker refuse a scoped token or a publishable key (exit 78, one line); publish
+    refuses an unknown
     project; the container's `sidecar run` still refuses the service-role key."""
     import jwt
 
@@ -204,6 +205,9 @@ async def test_credentials_are_checked_both_ways(
         assert (code, out) == (78, "")
         assert "SUPABASE_SERVICE_ROLE_KEY" in err.strip().splitlines()[-1]
         assert key not in err
+        code, out, err = await sidecar(env, "snapshot", "worker")
+        assert (code, out) == (78, "")
+        assert "SUPABASE_SERVICE_ROLE_KEY" in err.strip().splitlines()[-1]
     env = orch_env(pg_cluster, storage)
     code, _, err = await sidecar(env, "snapshot", "publish", "--project", str(uuid.uuid4()))
     assert code == 78

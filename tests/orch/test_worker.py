@@ -1,0 +1,229 @@
+"""`sidecar snapshot worker` as real processes against a real PostgreSQL (the migration) and the
+Storage test server: coalescing under a burst with two workers, and a worker killed mid-publish."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from sidecar.testing.pgrst import call_rpc
+from sidecar.testing.postgres import PostgresCluster
+from sidecar.testing.snapshot_server import SnapshotServer
+
+from ..pgfixtures import Db
+
+pytestmark = pytest.mark.pg
+
+BUCKET = "project-snapshots"
+SERVICE = {"role": "service_role"}
+
+
+@pytest.fixture
+async def storage() -> AsyncIterator[SnapshotServer]:
+    async with SnapshotServer(buckets=[BUCKET]) as server:
+        yield server
+
+
+class Workers:
+    """Worker subprocesses, stopped (SIGTERM, then SIGKILL) at the end of the test."""
+
+    def __init__(self, cluster: PostgresCluster, storage: SnapshotServer, log_dir: Path) -> None:
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("SUPABASE_", "SIDECAR_", "DATABASE_"))
+        } | {
+            "DATABASE_URL": cluster.url("postgres"),
+            "SUPABASE_URL": storage.base_url,
+            "SUPABASE_SERVICE_ROLE_KEY": storage.service_role_key,
+            "LOG_FORMAT": "json",
+            "LOG_LEVEL": "debug",
+        }
+        self.log_dir = log_dir
+        self.procs: list[asyncio.subprocess.Process] = []
+
+    async def start(self) -> asyncio.subprocess.Process:
+        log = (self.log_dir / f"worker-{len(self.procs)}.log").open("wb")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "sidecar",
+            "snapshot",
+            "worker",
+            "--sweep-interval",
+            "0.3",
+            env=self.env,
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text() for p in sorted(self.log_dir.glob("worker-*.log")))
+
+    async def stop(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                async with asyncio.timeout(10):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+@pytest.fixture
+async def workers(
+    pg_cluster: PostgresCluster, storage: SnapshotServer, tmp_path: Path
+) -> AsyncIterator[Workers]:
+    w = Workers(pg_cluster, storage, tmp_path)
+    try:
+        yield w
+    finally:
+        await w.stop()
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def new_project(db: Db, files: int) -> str:
+    pid = str(uuid.uuid4())
+    assert (await db.call("register_project", SERVICE, project_uuid=pid))[0] == 200
+    entries = [
+        {"file_path": f"src/f{i}.txt", "content": f"file {i} of {pid}\n"} for i in range(files)
+    ]
+    status, body = await db.call(
+        "bulk_upsert_project_files", SERVICE, project_uuid=pid, files=entries
+    )
+    assert status == 200, body
+    return pid
+
+
+async def open_requests(db: Db, projects: list[str]) -> int:
+    rows = await db.sql(
+        "select count(*) from sidecar.snapshot_requests where done_at is null"
+        " and project_id::text = any(%s)",
+        projects,
+    )
+    return int(rows[0][0])
+
+
+async def ready_messages(db: Db, project: str) -> list[dict[str, Any]]:
+    rows = await db.sql(
+        "select payload from realtime.messages where topic = %s and event = 'snapshot:ready'",
+        f"project:{project}",
+    )
+    return [r[0] for r in rows]
+
+
+async def test_burst_is_coalesced_per_project_with_two_workers(
+    db: Db, pg_cluster: PostgresCluster, storage: SnapshotServer, workers: Workers
+) -> None:
+    """50 request_snapshot calls from 5 sessions (their scoped claims) for 3 projects while two
+    workers run: every request answered, each project published (uploaded, snapshot:ready)
+    exactly once, the answer at the project's seq with meta-carrying realtime.send rows."""
+    projects = [await new_project(db, n) for n in (3, 5, 8)]
+    sessions = [(f"sess-{i}", projects[i % 3]) for i in range(5)]
+    storage.upload_gate = asyncio.Event()  # publishes wait in the upload until the burst is in
+    await workers.start()
+    await workers.start()
+
+    async def sidecar(session: str, project: str) -> None:
+        claims = {"role": "authenticated", "project_id": project, "session_id": session}
+        async with await psycopg.AsyncConnection.connect(pg_cluster.dsn("authenticator")) as conn:
+            for i in range(10):
+                body = await call_rpc(
+                    conn,
+                    "request_snapshot",
+                    {"project_uuid": project, "p_reason": f"gap {i}", "p_last_seq": 1},
+                    claims,
+                )
+                assert "request_id" in body[1]
+
+    await asyncio.gather(*(sidecar(s, p) for s, p in sessions))
+    await until(lambda: _now(bool(storage.uploads)), "a publish to reach the upload")
+    storage.upload_gate.set()
+    await until(lambda: _zero(open_requests(db, projects)), "every request answered")
+
+    for project in projects:
+        (seq,) = (await db.sql("select seq from sidecar.projects where project_id = %s", project))[
+            0
+        ]
+        ready = await ready_messages(db, project)
+        assert len(ready) == 1, (project, ready)
+        assert ready[0]["seq"] == seq
+        assert set(ready[0]) >= {"snapshot_url", "snapshot_id", "sha256", "seq", "timestamp"}
+        keys = [k for k in storage.object_keys() if k.startswith(f"{BUCKET}/{project}/")]
+        assert keys == [f"{BUCKET}/{project}/{ready[0]['snapshot_id']}.tar.zst"]
+        rows = await db.sql(
+            "select snapshot_id, claimed_by, error from sidecar.snapshot_requests"
+            " where project_id = %s",
+            project,
+        )
+        assert rows
+        assert all(r[0] == ready[0]["snapshot_id"] and r[2] is None for r in rows), rows
+    assert sorted(u.status for u in storage.uploads) == ["200", "200", "200"]
+    assert "token=" not in workers.logs()
+
+
+async def _now(value: bool) -> bool:
+    return value
+
+
+async def _zero(count: Awaitable[int]) -> bool:
+    return await count == 0
+
+
+async def test_a_worker_killed_mid_publish_leaves_the_request_to_another(
+    db: Db, pg_cluster: PostgresCluster, storage: SnapshotServer, workers: Workers
+) -> None:
+    """Worker A dies (SIGKILL) while its upload is in flight; its row locks go with its
+    connection and worker B answers the request; A never sent snapshot:ready."""
+    project = await new_project(db, 4)
+    storage.upload_gate = asyncio.Event()
+    first = await workers.start()
+    claims = {"role": "authenticated", "project_id": project, "session_id": "s-1"}
+    status, _ = await db.call("request_snapshot", claims, project_uuid=project, p_last_seq=0)
+    assert status == 200
+    await until(lambda: _now(bool(storage.uploads)), "worker A's upload")
+    second = await workers.start()
+    await until(lambda: _logged(workers, second.pid, "worker.started"), "worker B running")
+    first.kill()
+    await first.wait()
+    storage.upload_gate.set()
+    await until(lambda: _zero(open_requests(db, [project])), "the request answered by B")
+    rows = await db.sql(
+        "select claimed_by, snapshot_id, error from sidecar.snapshot_requests where project_id = %s",
+        project,
+    )
+    assert len(rows) == 1
+    claimed_by, snapshot_id, error = rows[0]
+    assert claimed_by.endswith(f":{second.pid}")
+    assert error is None
+    ready = await ready_messages(db, project)
+    assert [m["snapshot_id"] for m in ready] == [snapshot_id]
+    assert storage.object_keys() == [f"{BUCKET}/{project}/{snapshot_id}.tar.zst"]
+
+
+async def _logged(workers: Workers, pid: int, event: str) -> bool:
+    await asyncio.sleep(0)
+    return any(event in line and f":{pid}" in line for line in workers.logs().splitlines())
