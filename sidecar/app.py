@@ -25,7 +25,6 @@ import structlog
 from sidecar.config import Settings
 from sidecar.errors import ConfigError, HookFailedError, SnapshotUnavailableError
 from sidecar.health import serve
-from sidecar.process import hooks as hooks_mod
 from sidecar.process.child import build_child_env, set_run_as
 from sidecar.process.identity import protect_private_files
 from sidecar.redact import redact
@@ -257,6 +256,8 @@ class Sidecar:
         settings = self.settings
         if not settings.process.after_hydrate:
             return
+        from sidecar.process import hooks as hooks_mod
+
         status = await hooks_mod.run_after_hydrate(
             settings.process.after_hydrate,
             settings.project_dir,

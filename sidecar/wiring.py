@@ -16,28 +16,34 @@ import asyncio
 import os
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import aiohttp
 import structlog
 
 from sidecar.config import Settings
 from sidecar.health import HealthState
-from sidecar.live.apply import Applier, WriteMode
-from sidecar.live.engine import ChannelLink, SyncEngine, SyncTuning
-from sidecar.live.events import DeltaEvent, FileChange
-from sidecar.live.subscription import Subscription, SubscriptionTuning
-from sidecar.live.tokens import TokenSource
 from sidecar.metrics import Metrics
 from sidecar.process.child import ChildProcess, Reaper, Supervisor, build_child_env
-from sidecar.process.hooks import OnChangeHooks
 from sidecar.process.identity import ChildUser, hand_over, hand_over_paths, resolve_child_user
 from sidecar.snapshot.hydrate import hydrate
-from sidecar.snapshot.manifest import Manifest
 from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import StateStore
-from sidecar.twoway.localsync import Conflict, LocalSync
-from sidecar.twoway.upstream import Upstream
+
+if TYPE_CHECKING:
+    # Imported where they are built, only when the feature is on: without REALTIME_URL the
+    # child starts without importing realtime-py, pydantic, watchfiles or the two-way code
+    # (tests/e2e/test_startup_imports.py).
+    import aiohttp
+
+    from sidecar.live.apply import Applier, WriteMode
+    from sidecar.live.engine import ChannelLink, SyncEngine
+    from sidecar.live.events import DeltaEvent, FileChange
+    from sidecar.live.subscription import Subscription
+    from sidecar.live.tokens import TokenSource
+    from sidecar.process.hooks import OnChangeHooks
+    from sidecar.snapshot.manifest import Manifest
+    from sidecar.twoway.localsync import Conflict, LocalSync
+    from sidecar.twoway.upstream import Upstream
 
 __all__ = [
     "Components",
@@ -217,7 +223,7 @@ class Components:
     tree: ProjectTree
     http: aiohttp.ClientSession
     reaper: Reaper
-    applier: Applier
+    applier: Applier | None  # applies remote changes: only with Realtime
     live: Live | NoLive
     local: LocalChanges | NoLocalChanges
     hooks: OnChangeHooks | NoHooks
@@ -242,6 +248,8 @@ def build(
     child = _child(settings, cmd, env, reaper, metrics)
     hooks: OnChangeHooks | NoHooks = NoHooks()
     if settings.process.on_change:
+        from sidecar.process.hooks import OnChangeHooks
+
         hooks = OnChangeHooks(
             settings.process.on_change,
             settings.project_dir,
@@ -252,10 +260,15 @@ def build(
         )
     live: Live | NoLive = NoLive()
     local: LocalChanges | NoLocalChanges = NoLocalChanges()
+    applier: Applier | None = None
     if not settings.realtime.url:
         log.warning("sidecar.sync_disabled", reason="REALTIME_URL is not set")
-        applier = _applier(tree, metrics, http, write_mode=settings.write_mode, before_publish=None)
     else:
+        # Only with a channel (see the TYPE_CHECKING block above).
+        from sidecar.live.engine import SyncEngine, SyncTuning
+        from sidecar.live.subscription import Subscription, SubscriptionTuning
+        from sidecar.live.tokens import TokenSource
+
         tokens = TokenSource.from_settings(settings.realtime)
         engine: SyncEngine  # bound below; the subscription only calls it once running
 
@@ -282,6 +295,8 @@ def build(
             async def before_publish(changes: Sequence[FileChange]) -> None:
                 assert local_sync is not None
                 await local_sync.before_publish(changes)
+
+            from sidecar.twoway.localsync import LocalSync
 
             applier = _applier(
                 tree, metrics, http, write_mode=settings.write_mode, before_publish=before_publish
@@ -359,6 +374,8 @@ def _applier(
     write_mode: WriteMode,
     before_publish: Any,
 ) -> Applier:
+    from sidecar.live.apply import Applier
+
     return Applier(
         tree,
         metrics,
@@ -373,6 +390,8 @@ def _reporter(
 ) -> Upstream | None:
     if not settings.twoway.supabase_url:
         return None
+    from sidecar.twoway.upstream import Upstream
+
     return Upstream(
         settings.twoway.supabase_url,
         settings.project_id,
@@ -404,6 +423,8 @@ def _upstream(
 ) -> Upstream | None:
     if settings.twoway.upstream != "rpc" or not settings.twoway.supabase_url:
         return None
+    from sidecar.twoway.upstream import Upstream
+
     return Upstream(
         settings.twoway.supabase_url,
         settings.project_id,

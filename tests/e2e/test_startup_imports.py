@@ -1,0 +1,74 @@
+"""Start-up imports only what the path in use needs: `sidecar hydrate`, and `sidecar run` without
+REALTIME_URL up to the moment it starts the child, never load realtime-py, pydantic or
+watchfiles (tens of ms each); `sidecar hydrate` loads no asyncio web stack either.
+
+The real CLI runs in a subprocess under a wrapper that records `sys.modules` when the child is
+spawned (the `subprocess.Popen` audit event) and at exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.e2e_stack import Stack, base_env
+
+pytestmark = pytest.mark.e2e
+
+_WRAPPER = """
+import atexit, json, os, runpy, sys
+out = os.environ["IMPORTS_OUT"]
+def dump(name):
+    with open(os.path.join(out, name), "w") as f:
+        json.dump(sorted(sys.modules), f)
+def hook(event, args):
+    if event == "subprocess.Popen" and not os.path.exists(os.path.join(out, "child.json")):
+        dump("child.json")
+sys.addaudithook(hook)
+atexit.register(dump, "exit.json")
+sys.argv = ["sidecar", *sys.argv[1:]]
+runpy.run_module("sidecar", run_name="__main__", alter_sys=True)
+"""
+
+FORBIDDEN = ("realtime", "pydantic", "watchfiles")
+
+
+def _loaded(names: list[str], roots: tuple[str, ...]) -> list[str]:
+    return sorted({n.split(".")[0] for n in names if n.split(".")[0] in roots})
+
+
+async def _run(argv: list[str], env: dict[str, str], out: Path) -> subprocess.CompletedProcess[str]:
+    out.mkdir()
+    # In a thread: the stack's servers answer on this event loop.
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", _WRAPPER, *argv],
+        env={**env, "IMPORTS_OUT": str(out)},
+        cwd=out,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_hydrate_and_run_without_realtime_import_only_their_path(tmp_path: Path) -> None:
+    async with Stack() as stack:
+        env = base_env(stack, tmp_path / "hydrated", overrides={"REALTIME_URL": None})
+        done = await _run(["hydrate"], env, tmp_path / "hydrate")
+        assert done.returncode == 0, done.stderr
+        mods = json.loads((tmp_path / "hydrate" / "exit.json").read_text())
+        assert "sidecar.snapshot.extract" in mods  # the wrapper saw the real hydration
+        assert _loaded(mods, (*FORBIDDEN, "aiohttp", "prometheus_client")) == []
+
+        env = base_env(stack, tmp_path / "ran", overrides={"REALTIME_URL": None})
+        done = await _run(["run", "--", "true"], env, tmp_path / "run")
+        assert done.returncode == 0, done.stderr
+        mods = json.loads((tmp_path / "run" / "child.json").read_text())
+        assert "sidecar.process.child" in mods
+        assert _loaded(mods, FORBIDDEN) == []
