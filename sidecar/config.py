@@ -90,6 +90,7 @@ class RealtimeSettings:
     token_file: Path | None = None
     topic: str = ""
     heartbeat_window: float = 60.0
+    ping_interval: float = 25.0  # Phoenix's heartbeat: one liveness ping of ours per interval
     rebuild_backoff_initial: float = 0.5
     rebuild_backoff_max: float = 30.0
     auth_fail_window: float = 120.0  # refusals with no newer token for this long are fatal
@@ -364,6 +365,12 @@ VARIABLES: tuple[Var, ...] = (
         "realtime.heartbeat_window",
         _seconds,
         "a channel silent this long is rebuilt",
+    ),
+    Var(
+        "SIDECAR_PING_INTERVAL",
+        "realtime.ping_interval",
+        _seconds,
+        "at most one liveness ping per this many seconds",
     ),
     Var(
         "SIDECAR_REBUILD_BACKOFF",

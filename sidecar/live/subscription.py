@@ -31,6 +31,7 @@ from websockets.exceptions import InvalidStatus
 
 from sidecar.config import RealtimeSettings
 from sidecar.errors import ConfigError, RealtimeAuthError, SidecarError
+from sidecar.live import _realtime_py as rtpy
 from sidecar.live.tokens import TokenSource
 from sidecar.metrics import Metrics
 from sidecar.redact import redact
@@ -64,7 +65,9 @@ _REPLAY_LIMIT = 25  # the server's hard limit
 class SubscriptionTuning:
     """Timing knobs; defaults derive from RealtimeSettings.heartbeat_window where unset.
 
-    check_interval: how often the supervisor evaluates health and sends its own WebSocket ping.
+    check_interval: how often the supervisor evaluates health (no frame is sent for that).
+    ping_interval: at most one WebSocket ping of ours per this many seconds
+      (RealtimeSettings.ping_interval, SIDECAR_PING_INTERVAL, when unset).
     ping_timeout: a ping unanswered this long means the connection is stalled: rebuild.
     unhealthy_grace: how long realtime-py may try to recover by itself (reconnect, rejoin)
       before the supervisor rebuilds the client.
@@ -80,6 +83,7 @@ class SubscriptionTuning:
     """
 
     check_interval: float | None = None
+    ping_interval: float | None = None
     ping_timeout: float | None = None
     unhealthy_grace: float | None = None
     stable_after: float = 10.0
@@ -124,6 +128,7 @@ class _Build:
         "gen",
         "joined_at",
         "ping",
+        "pinged_at",
         "replay",
         "since",
         "started_at",
@@ -144,6 +149,7 @@ class _Build:
         self.joined_at: float | None = None
         self.closed = False
         self.ping: tuple[asyncio.Future[float], float, float] | None = None  # fut, sent, wall
+        self.pinged_at = float("-inf")  # monotonic time of our last ping
         self.since = 0  # the replay start this build's join asked for
         self.forced = False  # built by rejoin(since_ms)
 
@@ -187,6 +193,9 @@ class Subscription:
         self.tuning = t
         self._check_interval = t.check_interval if t.check_interval is not None else window / 4
         self._ping_timeout = t.ping_timeout if t.ping_timeout is not None else window / 2
+        self._ping_interval = (
+            t.ping_interval if t.ping_interval is not None else settings.ping_interval
+        )
         self._grace = t.unhealthy_grace if t.unhealthy_grace is not None else window / 2
         self.topic = settings.topic
         self.joined = asyncio.Event()
@@ -393,7 +402,7 @@ class Subscription:
                     break
             self._check_auth_deadline()
             self._check_rotation()
-            if verdict == "ok":
+            if verdict == "ok" and now - b.pinged_at >= self._ping_interval:
                 await self._ping(b)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._check_interval):
@@ -406,7 +415,7 @@ class Subscription:
     def _health(self, b: _Build) -> tuple[str, str]:
         """('ok'|'degraded'|'dead', why) from realtime-py 2.34.1's private attributes."""
         c, ch = b.client, b.channel
-        listener = c._listen_task
+        listener = rtpy.listen_task(c)
         if listener is not None and listener.done():
             # realtime-py gave up reconnecting, or a callback killed it (zombie): nobody will
             # ever deliver on this client again.
@@ -427,7 +436,7 @@ class Subscription:
                 return "dead", "ping unanswered"
         if not c.is_connected or listener is None:
             return "degraded", "not connected"
-        heartbeat = c._heartbeat_task
+        heartbeat = rtpy.heartbeat_task(c)
         if heartbeat is not None and heartbeat.done():
             # Ends on a clean server close while the listener reconnects: give it the grace.
             return "degraded", "heartbeat task ended"
@@ -436,11 +445,16 @@ class Subscription:
         return "ok", ""
 
     async def _ping(self, b: _Build) -> None:
-        """Send our own WebSocket ping (realtime-py ignores heartbeat replies)."""
-        ws = b.client._ws_connection
+        """Send our own WebSocket ping (realtime-py ignores heartbeat replies).
+
+        Its answer is read by the next health check: waking the monitor on the pong would
+        send the next ping at once, a loop bounded only by the round trip.
+        """
+        ws = rtpy.websocket(b.client)
         if ws is None or b.ping is not None:
             return
         sent, sent_wall = time.monotonic(), time.time()
+        b.pinged_at = sent
         try:
             async with asyncio.timeout(self._ping_timeout):
                 waiter = await ws.ping()
@@ -453,7 +467,6 @@ class Subscription:
             return
         fut = asyncio.ensure_future(waiter)  # websockets already returns a Future
         fut.add_done_callback(self._retrieve)
-        fut.add_done_callback(lambda _f: self._wake.set())
         b.ping = (fut, sent, sent_wall)
 
     @staticmethod
@@ -575,13 +588,8 @@ class Subscription:
         b.closed = True
         c = b.client
         for ch in list(c.channels.values()):
-            ch.rejoin_timer.reset()
-            ch.join_push.destroy()
-            for push in list(ch.messages_waiting_for_ack.values()) + list(ch._push_buffer):
-                push.destroy()
-            ch.messages_waiting_for_ack.clear()
-            ch._push_buffer.clear()
-        ws = c._ws_connection
+            rtpy.drop_pushes(ch)
+        ws = rtpy.websocket(c)
         if ws is not None:
             ws.close_timeout = self.tuning.close_timeout
         try:
@@ -593,9 +601,7 @@ class Subscription:
             log.debug("subscription.close_failed", error=type(exc).__name__)
         if ws is not None and not ws.transport.is_closing():
             ws.transport.abort()
-        for task in (c._listen_task, c._heartbeat_task):
-            if task is not None:
-                task.cancel()
+        rtpy.abandon(c)
         if b.ping is not None:
             b.ping[0].cancel()
         log.info("subscription.closed", gen=b.gen, reason=reason)

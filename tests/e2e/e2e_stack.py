@@ -59,6 +59,7 @@ STATE_DIR_NAME = ".sidecar"
 # Timing knobs for a test-sized sidecar (config.py names); tests override per case.
 FAST_ENV: dict[str, str] = {
     "SIDECAR_HEARTBEAT_WINDOW": "4",  # check every 1 s, ping timeout 2 s, grace 2 s
+    "SIDECAR_PING_INTERVAL": "1",
     "SIDECAR_REBUILD_BACKOFF": "0.1",
     "SIDECAR_BACKOFF_INITIAL": "0.05",
     "SIDECAR_BACKOFF_MAX": "0.5",

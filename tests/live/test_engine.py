@@ -718,6 +718,7 @@ async def test_network_gap_replay_then_snapshot(tmp_path: Path, snapshot_server:
             token=Secret(rt.make_token()),
             topic=topic,
             heartbeat_window=2.0,
+            ping_interval=0.5,
             rebuild_backoff_initial=0.05,
             rebuild_backoff_max=0.4,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from sidecar.testing.realtime.server import Knobs, Policy, RealtimeServer
 TOPIC = "project:p1"
 TUNING = SubscriptionTuning(
     check_interval=0.1,
+    ping_interval=0.2,
     ping_timeout=0.6,
     unhealthy_grace=1.5,
     stable_after=0.5,
@@ -491,3 +493,20 @@ async def test_dead_listener_is_rebuilt(rt: RealtimeServer) -> None:
         await h.until(lambda: h.sub.rebuilds == 1 and h.sub.is_joined, timeout=5)
         h.send("after")
         await h.arrives("after")
+
+
+async def test_idle_channel_sends_at_most_one_ping_per_interval(rt: RealtimeServer) -> None:
+    """Joined and idle, the liveness check sends at most one WebSocket ping per
+    `ping_interval`, however often it looks at the channel (here 20 checks per interval), and
+    its own pongs never wake it into sending the next one (that loop sent over a thousand pings
+    a second). Counted by the server over a fixed window."""
+    tuning = dataclasses.replace(TUNING, check_interval=0.05, ping_interval=1.0, ping_timeout=0.9)
+    async with running(rt, tuning=tuning) as h:
+        pings, frames = rt.counters.pings_in, rt.counters.frames_in
+        window = 3.0
+        await asyncio.sleep(window)  # the observation window, not a wait for a condition
+        sent = rt.counters.pings_in - pings
+        assert 1 <= sent <= window / 1.0 + 1
+        # realtime-py's own heartbeat (every 25 s) is the only text frame an idle client sends.
+        assert rt.counters.frames_in - frames <= 1
+        assert h.sub.is_joined

@@ -138,6 +138,7 @@ class Counters:
     disconnects: int = 0
     frames_in: int = 0
     frames_out: int = 0
+    pings_in: int = 0  # WebSocket ping frames received (answered with a pong)
     malformed: int = 0
     joins_ok: int = 0
     joins_error: int = 0

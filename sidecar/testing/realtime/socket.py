@@ -393,6 +393,7 @@ class RealtimeSocket:
 
     async def _handle_inbound(self, msg: Any) -> None:
         if msg.type is WSMsgType.PING:
+            self.server.counters.pings_in += 1
             await self.ws.pong(msg.data)
             return
         if msg.type is WSMsgType.PONG:
