@@ -115,7 +115,8 @@ async def test_gap_beyond_replay_converges_on_snapshot_ready(tmp_path: Path) -> 
         await sc.wait_tree(stack.files, timeout=30)
         assert stack.producer.requests, "no snapshot:request reached the producer"
         assert stack.producer.requests[0].get("reason") == "seq_gap", stack.producer.requests
-        assert await sc.metric("sidecar_resyncs_total", reason="seq_gap") >= 1
+        # The files are in place before the engine counts the resync: wait for the count.
+        await sc.wait(_resynced(sc, "seq_gap"), "sidecar_resyncs_total{reason=seq_gap} >= 1")
         await sc.wait(_seq_caught_up(sc, stack), "/status last_seq caught up")
 
 
@@ -381,6 +382,13 @@ def _expiry_closes(stack: Stack) -> list[object]:
 def _seq_caught_up(sc: Sidecar, stack: Stack) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         return bool((await sc.status())["last_seq"] == stack.rpc.seq(stack.project))
+
+    return check
+
+
+def _resynced(sc: Sidecar, reason: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await sc.metric("sidecar_resyncs_total", reason=reason) >= 1
 
     return check
 
