@@ -30,6 +30,7 @@ from sidecar.process.identity import protect_private_files
 from sidecar.redact import redact
 from sidecar.snapshot.hydrate import hydrate
 from sidecar.snapshot.manifest import Manifest
+from sidecar.tree import fsio
 from sidecar.tree.preflight import check_dirs
 from sidecar.wiring import Components, build, hand_over_tree
 
@@ -138,6 +139,14 @@ class Sidecar:
         self._teardown.push("http", http.close)
         c = build(settings, self.cmd, http=http)
         self._teardown.push("state", _as_async(c.state.close))
+        # What a kill left behind: downloads and staged writes (never visible in the project).
+        swept = fsio.sweep_temp(
+            settings.state_dir / fsio.STAGE_DIR_NAME,
+            settings.project_dir,
+            {p.rpartition("/")[0] for p in c.state.live()},
+        )
+        if swept:
+            log.info("sidecar.temp_swept", entries=swept)
         # Started as root: the child (untrusted code) runs as another user and cannot read the
         # token file or the state; non-dumpable (cli.py) keeps it out of /proc/<pid>/environ.
         set_run_as(c.child_user)

@@ -107,6 +107,7 @@ class Applier:
         fetch_backoff: float = 0.25,
         on_change: Callable[[Sequence[str]], None] | None = None,
         before_publish: Callable[[Sequence[FileChange]], Awaitable[None]] | None = None,
+        stage_dir: Path | None = None,
     ) -> None:
         if write_mode not in ("atomic", "inplace"):
             raise ValueError(f"write_mode must be atomic or inplace, not {write_mode!r}")
@@ -122,6 +123,11 @@ class Applier:
         self.fetch_backoff = fetch_backoff
         self.on_change = on_change
         self.before_publish = before_publish
+        # Staged writes and content_url downloads live in the state directory (same filesystem,
+        # sidecar/tree/preflight.py; swept on start), so PROJECT_DIR never shows a partial file.
+        self.stage_dir = Path(
+            stage_dir if stage_dir is not None else tree.state.path.parent / fsio.STAGE_DIR_NAME
+        ).absolute()
         self.lock = tree.lock
         self._serial = asyncio.Lock()
         self._http = http
@@ -363,7 +369,7 @@ class Applier:
         for it in items:
             if it.data is None or it.noop or it.tmp is not None:
                 continue
-            stage_dir = fsio.nearest_dir(it.target.parent, self.project_dir)
+            stage_dir = self._stage_dir(it.target)
             args = (stage_dir, it.target.name, it.data, it.mode)
             if it.size > THREAD_THRESHOLD:
                 it.tmp = await asyncio.to_thread(fsio.write_temp, *args, fsync=self.fsync)
@@ -456,7 +462,7 @@ class Applier:
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.fetch_timeout, sock_read=self.fetch_timeout
         )
-        stage_dir = fsio.nearest_dir(it.target.parent, self.project_dir)
+        stage_dir = self._stage_dir(it.target)
         problem = "no attempt"
         for attempt in range(self.fetch_retries + 1):
             if attempt:
@@ -516,6 +522,10 @@ class Applier:
                 "hash_mismatch",
             )
         it.size = size
+
+    def _stage_dir(self, target: Path) -> Path:
+        self.stage_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return self.stage_dir
 
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None:

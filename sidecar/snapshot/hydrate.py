@@ -50,6 +50,7 @@ from sidecar.snapshot.extract import (
 )
 from sidecar.snapshot.manifest import FileEntry, Manifest
 from sidecar.snapshot.progress import Progress
+from sidecar.tree.fsio import STAGE_DIR_NAME, sweep_temp
 from sidecar.tree.preflight import check_dirs
 from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import StateStore
@@ -84,6 +85,12 @@ async def hydrate_once(settings: Settings) -> int:
     gc.freeze()
     check_dirs(settings.project_dir, settings.state_dir)
     tree = ProjectTree(settings.project_dir, StateStore(settings.state_dir), settings.limits)
+    # What a kill of an earlier run left behind (downloads, staged writes of `sidecar run`).
+    sweep_temp(
+        settings.state_dir / STAGE_DIR_NAME,
+        settings.project_dir,
+        {p.rpartition("/")[0] for p in tree.state.live()},
+    )
     try:
         # No metrics: nothing would ever serve them from a one-shot process.
         manifest = await hydrate(settings, tree, None)

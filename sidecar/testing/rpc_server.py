@@ -169,6 +169,7 @@ class RpcFaults:
     drop_first: close the connection without an answer for the next N RPCs (nothing applied).
     lose_response_first: apply the next N writes, then close the connection before answering.
     delay: seconds to wait before handling each RPC.
+    content_trickle: serve content_url bodies at most this many bytes per second.
     """
 
     fail_first: int = 0
@@ -176,6 +177,7 @@ class RpcFaults:
     drop_first: int = 0
     lose_response_first: int = 0
     delay: float = 0.0
+    content_trickle: float | None = None  # bytes per second for content_url bodies
 
     def reset(self) -> None:
         """Clear every fault."""
@@ -703,14 +705,25 @@ class RpcServer(LoopbackServer):
             )
         return args
 
-    async def _handle_content(self, request: web.Request) -> web.Response:
+    async def _handle_content(self, request: web.Request) -> web.StreamResponse:
         data = self._blobs.get(request.match_info["key"])
         if data is None:
             return web.json_response(
                 {"statusCode": "404", "error": "not_found", "message": "Object not found"},
                 status=404,
             )
-        return web.Response(body=data, content_type="application/octet-stream")
+        trickle = self.faults.content_trickle
+        if not trickle:
+            return web.Response(body=data, content_type="application/octet-stream")
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = len(data)
+        await resp.prepare(request)
+        step = 16 * 1024
+        for at in range(0, len(data), step):
+            await resp.write(data[at : at + step])
+            await asyncio.sleep(step / trickle)
+        await resp.write_eof()
+        return resp
 
     async def _handle_fault(self, request: web.Request) -> web.Response:
         body = await request.json()

@@ -1,7 +1,10 @@
 """Small synchronous file-writing helpers: temp files, atomic and in-place writes, pruning.
 
 Temp files are named `.<name>.sidecar-tmp-<random>` (see `is_temp_name`, which a watcher uses
-to ignore them) and live on the same filesystem as their target, so `os.replace` is atomic.
+to ignore them) and live on the same filesystem as their target, so `os.replace` is atomic: the
+sidecar stages them in its state directory (checked to be on PROJECT_DIR's filesystem,
+sidecar/tree/preflight.py), so nothing partial is ever visible in PROJECT_DIR; `sweep_temp`
+removes what a kill left behind.
 None of these follow a symlink at the final path component.
 """
 
@@ -12,9 +15,11 @@ import os
 import secrets
 import shutil
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = [
+    "STAGE_DIR_NAME",
     "TMP_MARKER",
     "create_temp",
     "fsync_dir",
@@ -23,12 +28,14 @@ __all__ = [
     "open_inplace",
     "prune_empty_dirs",
     "remove_file",
+    "sweep_temp",
     "write_all",
     "write_inplace",
     "write_temp",
 ]
 
 TMP_MARKER = ".sidecar-tmp-"
+STAGE_DIR_NAME = "tmp"  # under the state directory: staged writes and downloads
 _MAX_BASE = 150  # bytes of the original name kept in a temp name (NAME_MAX is 255)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -164,6 +171,35 @@ def nearest_dir(path: Path, root: Path) -> Path:
             pass
         d = d.parent
     return root
+
+
+def sweep_temp(stage_dir: Path, project_dir: Path, dirs: Iterable[str] = ()) -> int:
+    """At start: empty `stage_dir` (the state directory's temp area: downloads and staged
+    writes a kill left behind) and remove our temp names from `project_dir` and its `dirs`
+    (project-relative; where an older version staged next to the target). The count removed."""
+    removed = 0
+    if stage_dir.is_dir() and not stage_dir.is_symlink():
+        for entry in os.scandir(stage_dir):
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                _unlink_quietly(path)
+            removed += 1
+    stage_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for rel in {"", *dirs}:
+        d = project_dir / rel if rel else project_dir
+        try:
+            with os.scandir(d) as it:
+                names = [
+                    e.name for e in it if is_temp_name(e.name) and e.is_file(follow_symlinks=False)
+                ]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for name in names:
+            _unlink_quietly(d / name)
+            removed += 1
+    return removed
 
 
 def fsync_dir(directory: Path) -> None:

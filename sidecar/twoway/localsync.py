@@ -918,7 +918,10 @@ class LocalSync:
         if self.write_mode == "inplace":
             fsio.write_inplace(target, data, mode)
         else:
-            tmp = fsio.write_temp(target.parent, target.name, data, mode)
+            # Staged in the state directory (same filesystem): never a partial file in the tree.
+            stage = self.state_dir / fsio.STAGE_DIR_NAME
+            stage.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = fsio.write_temp(stage, target.name, data, mode)
             tmp.replace(target)
         return True
 

@@ -1,0 +1,191 @@
+"""End to end, SIGKILL at any moment: during hydration over an older tree (some kills while it
+publishes) and during a content_url download. PROJECT_DIR is watched the whole time: it never
+shows a partial file or a temp file; after a plain restart it equals the new snapshot exactly,
+with no temp file and no empty directory of the old tree left."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.e2e_stack import Stack, base_env, read_tree, run_sidecar, running_sidecar
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+TMP_MARKER = ".sidecar-tmp-"
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Watch:
+    """Polls PROJECT_DIR (state dir excluded) and records every file that is not a complete
+    version the database ever had, and every temp file."""
+
+    def __init__(self, project: Path, allowed: dict[str, set[str]]) -> None:
+        self.project = project
+        self.allowed = allowed
+        self.violations: list[str] = []
+        self.polls = 0
+
+    def check(self) -> None:
+        self.polls += 1
+        for dirpath, dirnames, filenames in os.walk(self.project):
+            if Path(dirpath) == self.project:
+                dirnames[:] = [d for d in dirnames if d != ".sidecar"]
+            for name in filenames:
+                path = Path(dirpath, name)
+                rel = path.relative_to(self.project).as_posix()
+                if TMP_MARKER in name:
+                    self.violations.append(f"temp file visible: {rel}")
+                    continue
+                try:
+                    data = path.read_bytes()
+                except (FileNotFoundError, IsADirectoryError):
+                    continue
+                if _sha(data) not in self.allowed.get(rel, set()):
+                    self.violations.append(f"partial or unknown content: {rel} ({len(data)} B)")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.to_thread(self.check)
+            await asyncio.sleep(0.002)
+
+
+def _dirs(files: dict[str, bytes]) -> set[str]:
+    out: set[str] = set()
+    for rel in files:
+        parent = rel.rpartition("/")[0]
+        while parent:
+            out.add(parent)
+            parent = parent.rpartition("/")[0]
+    return out
+
+
+def _tree_dirs(project: Path) -> set[str]:
+    out: set[str] = set()
+    for dirpath, dirnames, _ in os.walk(project):
+        if Path(dirpath) == project:
+            dirnames[:] = [d for d in dirnames if d != ".sidecar"]
+        for d in dirnames:
+            out.add(Path(dirpath, d).relative_to(project).as_posix())
+    return out
+
+
+async def test_sigkill_during_hydration_over_an_older_tree(tmp_path: Path) -> None:
+    rng = random.Random(1234)
+    old = {f"old/d{i % 7}/f{i:03d}.bin": rng.randbytes(rng.randint(1, 6000)) for i in range(150)}
+    old.update({f"keep/k{i:02d}.txt": f"keep {i}\n".encode() for i in range(20)})
+    async with Stack(files=old) as stack:
+        project = tmp_path / "project"
+        code, out, err = await run_sidecar(["hydrate"], base_env(stack, project), tmp_path)
+        assert code == 0, out + err
+        assert read_tree(project) == old
+        allowed: dict[str, set[str]] = {p: {_sha(d)} for p, d in old.items()}
+        # The new snapshot: the old/ tree is gone (its directories too), keep/ half changed,
+        # 600 new files in new directories.
+        new_files = {
+            f"new/n{i % 13}/g{i:03d}.bin": rng.randbytes(rng.randint(500, 8000)) for i in range(600)
+        }
+        new_files.update({f"keep/k{i:02d}.txt": f"changed {i}\n".encode() for i in range(10)})
+        for p in old:
+            if p.startswith("old/"):
+                await stack.rpc.editor_delete(stack.project, p)
+        await stack.rpc.editor_bulk(stack.project, new_files)
+        want = stack.files()
+        for p, d in want.items():
+            allowed.setdefault(p, set()).add(_sha(d))
+        url, sha = stack.snapshot()
+        env = base_env(stack, project, snapshot=(url, sha))
+        argv = [sys.executable, "-m", "sidecar", "hydrate"]
+
+        watch = Watch(project, allowed)
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(watch.run(stop))
+        kills = during_publish = 0
+        try:
+            stack.snaps.faults.trickle = 3_000_000
+            for i in range(16):
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    env=env,
+                    cwd=tmp_path,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL,
+                )
+                if i % 2:
+                    # Kill the moment the first file of the new tree shows up: mid-publish.
+                    probe = project / "new"
+                    async with asyncio.timeout(30):
+                        while not probe.exists() and proc.returncode is None:
+                            await asyncio.sleep(0.001)
+                    during_publish += proc.returncode is None
+                else:
+                    await asyncio.sleep(rng.uniform(0.2, 1.5))
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGKILL)
+                    kills += 1
+                await proc.wait()
+                watch.check()
+        finally:
+            stop.set()
+            await watcher
+        stack.snaps.faults.trickle = None
+        assert kills >= 15, kills
+        assert during_publish >= 3, during_publish
+        assert watch.violations == [], watch.violations[:10]
+
+        code, out, err = await run_sidecar(["hydrate"], env, tmp_path)
+        assert code == 0, out + err
+        assert read_tree(project) == want
+        assert _tree_dirs(project) == _dirs(want)
+        leftovers = [
+            str(p)
+            for p in project.rglob("*")
+            if TMP_MARKER in p.name or p.name.startswith("staging-")
+        ]
+        assert leftovers == []
+
+
+async def test_sigkill_during_a_content_url_download(tmp_path: Path) -> None:
+    """The partial download lives in the state directory, never in PROJECT_DIR; a restart
+    sweeps it and converges."""
+    async with Stack() as stack:
+        stack.rpc.inline_limit = 1024  # larger bodies travel by content_url
+        big = os.urandom(3 * 1024 * 1024)
+        allowed = {p: {_sha(d)} for p, d in stack.files().items()}
+        allowed["assets/big.bin"] = {_sha(big)}
+        stage = tmp_path / "sidecar-project" / ".sidecar" / "tmp"
+        async with running_sidecar(stack, tmp_path) as sc:
+            watch = Watch(sc.project_dir, allowed)
+            stop = asyncio.Event()
+            watcher = asyncio.create_task(watch.run(stop))
+            try:
+                stack.rpc.faults.content_trickle = 1024 * 1024
+                await stack.rpc.editor_upsert(stack.project, "assets/big.bin", big)
+
+                def partial() -> bool:
+                    return any(p.stat().st_size > 1024 * 1024 for p in stage.glob("*"))
+
+                await sc.wait(partial, "download half way, in the state directory", 20)
+                sc.send_signal(signal.SIGKILL)
+                await sc.wait_exit()
+            finally:
+                stop.set()
+                await watcher
+            assert watch.violations == [], watch.violations[:10]
+            assert not (sc.project_dir / "assets" / "big.bin").exists()
+            assert list(stage.glob("*")), "the partial download was in the state directory"
+        stack.rpc.faults.content_trickle = None
+        async with running_sidecar(stack, tmp_path) as sc2:
+            await sc2.wait_tree(stack.files, timeout=30)
+            assert list(stage.glob("*")) == []
+            assert [p for p in sc2.project_dir.rglob("*") if TMP_MARKER in p.name] == []
