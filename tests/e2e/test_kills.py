@@ -70,6 +70,19 @@ def _dirs(files: dict[str, bytes]) -> set[str]:
     return out
 
 
+def _count_new(project: Path, want: dict[str, bytes]) -> int:
+    """How many files of `want` are in place with their new bytes (a publish in progress)."""
+    n = 0
+    for rel in sorted(want)[::5]:  # a sample: cheap enough to poll every millisecond
+        data = want[rel]
+        try:
+            if (project / rel).read_bytes() == data:
+                n += 1
+        except OSError:
+            continue
+    return n
+
+
 def _tree_dirs(project: Path) -> set[str]:
     out: set[str] = set()
     for dirpath, dirnames, _ in os.walk(project):
@@ -110,10 +123,13 @@ async def test_sigkill_during_hydration_over_an_older_tree(tmp_path: Path) -> No
         watch = Watch(project, allowed)
         stop = asyncio.Event()
         watcher = asyncio.create_task(watch.run(stop))
-        kills = during_publish = 0
+        kills = during_publish = completed = 0
         try:
-            stack.snaps.faults.trickle = 3_000_000
-            for i in range(16):
+            stack.snaps.faults.trickle = 2_000_000
+            for i in range(40):
+                if kills >= 16:
+                    break
+                before = _count_new(project, want)
                 proc = await asyncio.create_subprocess_exec(
                     *argv,
                     env=env,
@@ -122,25 +138,34 @@ async def test_sigkill_during_hydration_over_an_older_tree(tmp_path: Path) -> No
                     stderr=asyncio.subprocess.DEVNULL,
                 )
                 if i % 2:
-                    # Kill the moment the first file of the new tree shows up: mid-publish.
-                    probe = project / "new"
+                    # Kill the moment this run's publish moves a file of the new tree.
                     async with asyncio.timeout(30):
-                        while not probe.exists() and proc.returncode is None:
+                        while proc.returncode is None and _count_new(project, want) <= before:
                             await asyncio.sleep(0.001)
                     during_publish += proc.returncode is None
                 else:
-                    await asyncio.sleep(rng.uniform(0.2, 1.5))
+                    await asyncio.sleep(rng.uniform(0.05, 1.2))  # before publish, mostly
                 if proc.returncode is None:
                     proc.send_signal(signal.SIGKILL)
                     kills += 1
-                await proc.wait()
+                if await proc.wait() == 0:
+                    # It finished (a kill came too late): move the database on, so that the
+                    # next runs hydrate over an older tree again.
+                    completed += 1
+                    rev = {p: rng.randbytes(300) for p in rng.sample(sorted(want), 50)}
+                    gone = [p for p in want if p.startswith(f"new/n{completed % 13}/")]
+                    await stack.rpc.editor_bulk(stack.project, {**rev, **dict.fromkeys(gone)})
+                    want = stack.files()
+                    for p, d in want.items():
+                        allowed.setdefault(p, set()).add(_sha(d))
+                    env = base_env(stack, project, snapshot=stack.snapshot())
                 watch.check()
         finally:
             stop.set()
             await watcher
         stack.snaps.faults.trickle = None
-        assert kills >= 15, kills
-        assert during_publish >= 3, during_publish
+        assert kills >= 15, (kills, completed)
+        assert during_publish >= 3, (during_publish, completed)
         assert watch.violations == [], watch.violations[:10]
 
         code, out, err = await run_sidecar(["hydrate"], env, tmp_path)
