@@ -299,7 +299,12 @@ def build(
             from sidecar.twoway.localsync import LocalSync
 
             applier = _applier(
-                tree, metrics, http, write_mode=settings.write_mode, before_publish=before_publish
+                tree,
+                metrics,
+                http,
+                write_mode=settings.write_mode,
+                before_publish=before_publish,
+                bodies=reporter,
             )
             local_sync = LocalSync.from_settings(
                 settings,
@@ -311,7 +316,12 @@ def build(
             local = LocalChanges(local_sync, settings.twoway.ignore)
         else:
             applier = _applier(
-                tree, metrics, http, write_mode=settings.write_mode, before_publish=None
+                tree,
+                metrics,
+                http,
+                write_mode=settings.write_mode,
+                before_publish=None,
+                bodies=reporter,
             )
 
         async def resync(url: str, sha256: str | None) -> Manifest:
@@ -373,15 +383,19 @@ def _applier(
     *,
     write_mode: WriteMode,
     before_publish: Any,
+    bodies: Upstream | None = None,
 ) -> Applier:
     from sidecar.live.apply import Applier
 
+    # Large files come without their body; with SUPABASE_URL it is read from the database.
+    fetch_body = None if bodies is None else (lambda c: bodies.body(c.path, c.version))
     return Applier(
         tree,
         metrics,
         write_mode=write_mode,
         http=http,
         before_publish=before_publish,
+        fetch_body=fetch_body,
     )
 
 

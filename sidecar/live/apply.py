@@ -12,6 +12,7 @@ change. Temp files (`fsio.is_temp_name`) are ours too and must be ignored.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import random
@@ -59,8 +60,8 @@ _CHUNK = 256 * 1024
 class ResyncNeeded(SidecarError):
     """Raised when a change cannot be applied safely; the caller re-converges on a snapshot.
 
-    `reason` is a short label for metrics: hash_mismatch, content_url, path_conflict,
-    publish_failed.
+    `reason` is a short label for metrics: hash_mismatch, content_url, content_fetch,
+    path_conflict, publish_failed.
     """
 
     def __init__(self, message: str, reason: str) -> None:
@@ -108,6 +109,7 @@ class Applier:
         on_change: Callable[[Sequence[str]], None] | None = None,
         before_publish: Callable[[Sequence[FileChange]], Awaitable[None]] | None = None,
         stage_dir: Path | None = None,
+        fetch_body: Callable[[FileChange], Awaitable[bytes]] | None = None,
     ) -> None:
         if write_mode not in ("atomic", "inplace"):
             raise ValueError(f"write_mode must be atomic or inplace, not {write_mode!r}")
@@ -128,6 +130,7 @@ class Applier:
         self.stage_dir = Path(
             stage_dir if stage_dir is not None else tree.state.path.parent / fsio.STAGE_DIR_NAME
         ).absolute()
+        self.fetch_body = fetch_body
         self.lock = tree.lock
         self._serial = asyncio.Lock()
         self._http = http
@@ -234,6 +237,7 @@ class Applier:
             self.tree.commit(placed, seq=seq)
             return ("duplicate" if all(s == "duplicate" for s in skipped) else "stale"), []
         deleting = {it.change.path for it in items if it.change.action == "delete"}
+        await self._fetch_bodies(items)
         try:
             for it in items:
                 if it.change.action == "update":
@@ -435,6 +439,35 @@ class Applier:
             )
         else:
             fsio.write_inplace(it.target, it.data, it.mode, source=it.tmp, fsync=self.fsync)
+
+    # -- bodies the event does not carry (large content) --
+
+    async def _fetch_bodies(self, items: list[_Item]) -> None:
+        """Fetch the bytes of body-less updates (get_project_file at the event's version).
+
+        A path whose state already holds those bytes (our own push coming back) needs none:
+        rule 3 records it without a write.
+        """
+        for it in items:
+            c = it.change
+            if not c.needs_body or (it.old is not None and it.old.sha256 == c.content_hash):
+                continue
+            if self.fetch_body is None:
+                raise ResyncNeeded(
+                    f"{c.path!r} v{c.version}: the event carries no body and there is no "
+                    "database to fetch it from (SUPABASE_URL is not set)",
+                    "content_fetch",
+                )
+            if c.size is not None and (too_big := self.tree.quota.file_too_big(c.path, c.size)):
+                raise QuotaExceededError(too_big)
+            try:
+                data = await self.fetch_body(c)
+            except SidecarError as exc:
+                raise ResyncNeeded(
+                    f"{c.path!r} v{c.version}: fetching the body failed: {exc}", "content_fetch"
+                ) from exc
+            it.change = dataclasses.replace(c, content=data)
+            log.debug("apply.body_fetched", path=c.path, version=c.version, size=len(data))
 
     # -- content_url --
 

@@ -63,6 +63,12 @@ class FileChange:
     content_url: str | None = field(default=None, repr=False)  # signed URL: never in a repr
     content_hash: str | None = None
     mode: int | None = None
+    size: int | None = None  # the body's size, when the event says it
+
+    @property
+    def needs_body(self) -> bool:
+        """An update that carries no body (large content): fetch it with get_project_file."""
+        return self.action == "update" and self.content is None and self.content_url is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,13 +228,17 @@ def _change(d: Mapping[str, Any], action: str, where: str) -> FileChange:
     if action != "update":
         raise InvalidEventError(f"{where}: action must be 'update' or 'delete'")
     given = [k for k in ("content", "content_b64", "content_url") if d.get(k) is not None]
-    if len(given) != 1:
+    size = _opt_int(d, "size", where)
+    # Large content: the database sends no body, only its size (the sidecar fetches it).
+    if len(given) > 1 or (not given and size is None):
         raise InvalidEventError(
             f"{where}: exactly one of content, content_b64, content_url is required"
+            " (or none, with size, for a body fetched from the database)"
         )
+    kind = given[0] if given else None
     content: bytes | None = None
     url: str | None = None
-    if given[0] == "content":
+    if kind == "content":
         text = d["content"]
         if not isinstance(text, str):
             raise InvalidEventError(f"{where}: content must be a string")
@@ -236,7 +246,7 @@ def _change(d: Mapping[str, Any], action: str, where: str) -> FileChange:
             content = text.encode("utf-8")
         except UnicodeEncodeError:
             raise InvalidEventError(f"{where}: content is not valid UTF-8 text") from None
-    elif given[0] == "content_b64":
+    elif kind == "content_b64":
         b64 = d["content_b64"]
         if not isinstance(b64, str):
             raise InvalidEventError(f"{where}: content_b64 must be a string")
@@ -244,7 +254,7 @@ def _change(d: Mapping[str, Any], action: str, where: str) -> FileChange:
             content = base64.b64decode(_B64_SPACE.sub("", b64), validate=True)
         except (binascii.Error, ValueError):
             raise InvalidEventError(f"{where}: content_b64 is not valid base64") from None
-    else:
+    elif kind == "content_url":
         url = _http_url(d["content_url"], f"{where}: content_url")
     digest = d.get("content_hash")
     if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
@@ -260,6 +270,7 @@ def _change(d: Mapping[str, Any], action: str, where: str) -> FileChange:
         content_url=url,
         content_hash=digest,
         mode=None if mode is None else mode & 0o777,
+        size=size,
     )
 
 

@@ -549,20 +549,29 @@ begin
   return jsonb_build_object('seq', v_seq, 'files', v_answers);
 end $$;
 
--- The head of one path with its body (a tombstone: deleted = true, no body), or null when the
--- path never existed or the project is not registered.
-create or replace function public.get_project_file(project_uuid uuid, p_file_path text)
+-- One path with its body: the head, or with p_version that version (versions are immutable
+-- rows, so a subscriber fetching the body of an event it holds gets exactly those bytes, even
+-- after newer writes). A tombstone has deleted = true and no body. Null when the path (or that
+-- version) never existed or the project is not registered.
+drop function if exists public.get_project_file(uuid, text);
+create or replace function public.get_project_file(project_uuid uuid, p_file_path text,
+                                                   p_version bigint default null)
 returns jsonb language plpgsql stable security definer set search_path = '' set timezone to 'UTC'
 as $$
 declare
-  v_cur public.project_files;
+  v_row public.project_files;
 begin
   perform sidecar.authorize(project_uuid, false);
-  v_cur := sidecar.head(project_uuid, p_file_path);
-  if v_cur.id is null then
+  if p_version is null then
+    v_row := sidecar.head(project_uuid, p_file_path);
+  else
+    select f.* into v_row from public.project_files f
+     where f.project_id = project_uuid and f.file_path = p_file_path and f.version = p_version;
+  end if;
+  if v_row.id is null then
     return null;
   end if;
-  return sidecar.file_json(v_cur, true);
+  return sidecar.file_json(v_row, true);
 end $$;
 
 -- Every live file with its body, in path order ([] for an unknown project).
@@ -689,7 +698,7 @@ revoke all on function public.register_project(uuid) from public, anon, authenti
 revoke all on function public.upsert_project_file(uuid, text, text, text, bigint) from public, anon;
 revoke all on function public.delete_project_file(uuid, text, bigint) from public, anon;
 revoke all on function public.bulk_upsert_project_files(uuid, jsonb) from public, anon;
-revoke all on function public.get_project_file(uuid, text) from public, anon;
+revoke all on function public.get_project_file(uuid, text, bigint) from public, anon;
 revoke all on function public.list_current_files(uuid) from public, anon;
 revoke all on function public.project_snapshot(uuid, boolean) from public, anon;
 revoke all on function public.project_events_since(uuid, bigint, int) from public, anon;
@@ -701,7 +710,7 @@ grant execute on function
   public.upsert_project_file(uuid, text, text, text, bigint),
   public.delete_project_file(uuid, text, bigint),
   public.bulk_upsert_project_files(uuid, jsonb),
-  public.get_project_file(uuid, text),
+  public.get_project_file(uuid, text, bigint),
   public.list_current_files(uuid),
   public.project_snapshot(uuid, boolean),
   public.project_events_since(uuid, bigint, int),

@@ -27,7 +27,7 @@ from sidecar.errors import ConfigError, ConflictError, UpstreamError
 from sidecar.retry import backoff_delay
 from sidecar.twoway.merge import is_text
 
-__all__ = ["ConflictError", "RemoteFile", "Upstream", "UpstreamError"]
+__all__ = ["ConflictError", "EventRow", "RemoteFile", "Upstream", "UpstreamError"]
 
 log = structlog.get_logger(component="upstream")
 
@@ -46,6 +46,15 @@ class RemoteFile:
     @property
     def deleted(self) -> bool:
         return self.content is None
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """One row of the database's event log (project_events_since)."""
+
+    seq: int
+    event: str
+    payload: dict[str, Any] = field(repr=False)
 
 
 TokenProvider = str | Callable[[], str]
@@ -160,14 +169,48 @@ class Upstream:
         )
         return _version(result)
 
-    async def get(self, path: str, *, retries: int | None = None) -> RemoteFile | None:
-        """The head of path (a tombstone has content None), or None if it never existed."""
-        result = await self._call(
-            "get_project_file",
-            {"project_uuid": self.project_id, "p_file_path": path},
-            retries=retries,
-        )
+    async def get(
+        self, path: str, *, version: int | None = None, retries: int | None = None
+    ) -> RemoteFile | None:
+        """The head of path, or that `version` of it (a tombstone has content None); None if
+        it (or that version) never existed."""
+        args: dict[str, Any] = {"project_uuid": self.project_id, "p_file_path": path}
+        if version is not None:
+            args["p_version"] = version
+        result = await self._call("get_project_file", args, retries=retries)
         return None if result is None else _remote(result)
+
+    async def body(self, path: str, version: int) -> bytes:
+        """The bytes of `version` of path (a large body an event did not carry).
+
+        Raises:
+            UpstreamError: that version does not exist, is a tombstone, or the call failed.
+        """
+        remote = await self.get(path, version=version)
+        if remote is None or remote.content is None:
+            raise UpstreamError(f"get_project_file has no body for {path!r} v{version}")
+        return remote.content
+
+    async def events_since(self, after_seq: int, *, max_rows: int = 1000) -> list[EventRow]:
+        """One page of the database's event log: the events after `after_seq`, in seq order
+        (at most max_rows; fewer, or none, at the end of the log)."""
+        result = await self._call(
+            "project_events_since",
+            {"project_uuid": self.project_id, "after_seq": after_seq, "max_rows": max_rows},
+        )
+        if not isinstance(result, list):
+            raise UpstreamError("project_events_since did not return a list")
+        rows: list[EventRow] = []
+        for item in result:
+            seq = _opt_int(item.get("seq")) if isinstance(item, dict) else None
+            if (
+                seq is None
+                or not isinstance(item.get("event"), str)
+                or not isinstance(item.get("payload"), dict)
+            ):
+                raise UpstreamError(f"project_events_since row is malformed: {str(item)[:200]}")
+            rows.append(EventRow(seq, item["event"], item["payload"]))
+        return rows
 
     async def list_files(self) -> dict[str, RemoteFile]:
         """Every live file of the project."""

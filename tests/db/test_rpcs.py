@@ -460,3 +460,25 @@ async def test_local_change_and_snapshot_request(db: Db, project: str) -> None:
         first["request_id"],
     )
     assert row == ("sess-ro", "gap", 3)
+
+
+async def test_get_project_file_by_version(db: Db, project: str) -> None:
+    """Versions are immutable rows: a subscriber fetching an event's body gets those bytes."""
+    t = token(project)
+    for body in ("one", "two"):
+        await db.call(
+            "upsert_project_file", t, project_uuid=project, p_file_path="f", p_content=body
+        )
+    await db.call("delete_project_file", t, project_uuid=project, p_file_path="f")
+    got = [
+        (await db.call("get_project_file", t, project_uuid=project, p_file_path="f", p_version=v))[
+            1
+        ]
+        for v in (1, 2, 3, 4)
+    ]
+    assert [g and g.get("content") for g in got[:2]] == ["one", "two"]
+    assert got[2]["deleted"] is True
+    assert "content" not in got[2]
+    assert got[3] is None
+    _, head = await db.call("get_project_file", t, project_uuid=project, p_file_path="f")
+    assert (head["version"], head["deleted"]) == (3, True)

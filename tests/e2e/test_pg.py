@@ -94,3 +94,34 @@ async def test_local_edit_goes_through_the_rpc_and_back_to_another_container(
         await b.wait_tree(lambda: want)
         # No container token may write on the channel (checked lazily, at a first broadcast).
         assert all(ch.write is not True for ch in stack.rt.channels(stack.topic))
+
+
+async def test_large_files_travel_without_a_body_and_are_fetched(
+    stack: PgStack, tmp_path: Path
+) -> None:
+    """Above the inline limit the database's event carries no body; the sidecar fetches the
+    bytes of that version with get_project_file through the gateway, with its own token."""
+    big_text = ("x" * 99 + "\n").encode() * 3000  # 300 KB
+    big_bin = bytes(range(256)) * 1000  # 256 KB, base64 larger still
+    async with running_sidecar(
+        stack,  # type: ignore[arg-type]
+        tmp_path,
+        token=stack.token(),
+        env_overrides={"SUPABASE_URL": stack.rpc.url},
+    ) as sc:
+        await stack.editor_upsert("big.txt", big_text)
+        await stack.editor_upsert("big.bin", big_bin)
+        await stack.editor_bulk({"b1.txt": b"1" * 150_000, "b2.txt": b"2" * 150_000})
+        # A newer version right after: the sidecar must still get each version's own bytes.
+        await stack.editor_upsert("big.txt", big_text + b"more\n")
+        want = await stack.files()
+        await sc.wait_tree(lambda: want)
+        assert await sc.metric("sidecar_resyncs_total") == 0  # fetched, not re-snapshotted
+    bodyless = [
+        e["payload"].get("file_path")
+        for e in await stack.events()
+        if e["event"] == "file:update"
+        and "content" not in e["payload"]
+        and "content_b64" not in e["payload"]
+    ]
+    assert bodyless == ["big.txt", "big.bin", "big.txt"]

@@ -84,6 +84,21 @@ def test_update_with_empty_content_is_an_empty_file() -> None:
     assert parse_event(FILE_UPDATE, payload, None).changes[0].content == b""
 
 
+def test_update_without_body_but_with_size_is_fetched_later() -> None:
+    """A large file's update carries no body, only its size: it parses to a change whose
+    body the Applier fetches from the database (get_project_file)."""
+    ev = parse_event(FILE_UPDATE, update(content=None, size=300_000), {"id": "m1"})
+    (c,) = ev.changes
+    assert (c.content, c.content_url, c.size, c.needs_body) == (None, None, 300_000, True)
+    assert not parse_event(FILE_UPDATE, update(size=6), None).changes[0].needs_body
+    bulk = parse_event(
+        BULK_APPLY,
+        {"files": [{**update(content=None, size=9), "action": "update"}], "seq": 1},
+        {"id": "m2"},
+    )
+    assert bulk.changes[0].needs_body
+
+
 def test_update_with_content_url_hides_it_from_repr() -> None:
     """A content_url is kept for fetching but never shown in a repr (it is a signed URL)."""
     url = "https://storage.example/o/a.bin?token=SECRET"
@@ -197,6 +212,8 @@ BAD_UPDATES: list[tuple[str, dict[str, Any]]] = [
     ("version string", update(version="3")),
     ("version too big", update(version=2**63)),
     ("no content", update(content=None)),
+    ("no content, size not int", update(content=None, size="9")),
+    ("size with two contents", update(content_url="https://x/y", size=9)),
     ("two contents", update(content_b64=base64.b64encode(DATA).decode())),
     ("content not str", update(content=["x"])),
     ("content lone surrogate", update(content="\ud800")),
