@@ -19,7 +19,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import NoReturn, TypeVar
 
-import aiohttp
 import structlog
 
 from sidecar.config import Settings
@@ -135,8 +134,14 @@ class Sidecar:
         reaper. Every step registers its undo with the teardown, which shutdown() runs."""
         settings = self.settings
         check_dirs(settings.project_dir, settings.state_dir)
-        http = aiohttp.ClientSession()
-        self._teardown.push("http", http.close)
+        http = None
+        if settings.realtime.url:
+            # Only the live path fetches over HTTP with aiohttp (large contents, RPCs); without
+            # Realtime the child starts without importing it (tests/e2e/test_startup_imports.py).
+            import aiohttp
+
+            http = aiohttp.ClientSession()
+            self._teardown.push("http", http.close)
         c = build(settings, self.cmd, http=http)
         self._teardown.push("state", _as_async(c.state.close))
         # What a kill left behind: downloads and staged writes (never visible in the project).

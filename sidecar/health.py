@@ -1,23 +1,30 @@
-"""HealthState (what the sidecar knows about itself) and the aiohttp listener serving /healthz,
-/readyz, /metrics and /status from it."""
+"""HealthState (what the sidecar knows about itself) and the listener serving /healthz,
+/readyz, /metrics and /status from it.
+
+The listener is a small HTTP/1.1 server on asyncio streams (GET/HEAD, keep-alive, bounded
+request heads), not aiohttp: importing aiohttp costs about 80 ms (it builds an SSL context at
+import), which `sidecar run` without Realtime would otherwise pay before starting the child.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, Literal
 
 import structlog
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from sidecar.config import HttpSettings
 from sidecar.metrics import Metrics
 from sidecar.redact import redact
 
-__all__ = ["METRICS_KEY", "STATE_KEY", "HealthServer", "HealthState", "Phase", "make_app", "serve"]
+__all__ = ["HealthServer", "HealthState", "Phase", "serve"]
 
 log = structlog.get_logger(component="health")
 
@@ -109,8 +116,9 @@ class HealthState:
         return redact(doc)  # type: ignore[no-any-return]
 
 
-STATE_KEY = web.AppKey("state", HealthState)
-METRICS_KEY = web.AppKey("metrics", Metrics)
+_MAX_HEAD = 16 * 1024  # request line + headers; a probe sends a few hundred bytes
+_IDLE = 30.0  # seconds a keep-alive connection may stay silent
+_JSON = "application/json; charset=utf-8"
 
 
 @dataclass(slots=True)
@@ -119,7 +127,8 @@ class HealthServer:
 
     host: str | None
     port: int | None
-    _runner: web.AppRunner | None = None
+    _server: asyncio.Server | None = None
+    _conns: set[asyncio.StreamWriter] = field(default_factory=set)
 
     @property
     def url(self) -> str | None:
@@ -130,23 +139,15 @@ class HealthServer:
         return f"http://{host}:{self.port}"
 
     async def close(self) -> None:
-        """Stop listening; idempotent."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-            log.info("health.stopped", port=self.port)
-
-
-def make_app(state: HealthState, metrics: Metrics) -> web.Application:
-    """The aiohttp application with the four routes (exposed for tests and embedding)."""
-    app = web.Application()
-    app[STATE_KEY] = state
-    app[METRICS_KEY] = metrics
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
-    app.router.add_get("/status", _status)
-    return app
+        """Stop listening and close open connections; idempotent."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for writer in list(self._conns):
+            writer.close()
+        await server.wait_closed()
+        log.info("health.stopped", port=self.port)
 
 
 @contextlib.asynccontextmanager
@@ -161,16 +162,19 @@ async def serve(
     if http.port is None:
         yield HealthServer(host=None, port=None)
         return
-    runner = web.AppRunner(make_app(state, metrics), access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, http.host, http.port)
-        await site.start()
-        address = runner.addresses[0]
-        handle = HealthServer(host=http.host, port=int(address[1]), _runner=runner)
-    except BaseException:
-        await runner.cleanup()
-        raise
+    handle = HealthServer(host=http.host, port=None)
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handle._conns.add(writer)
+        try:
+            await _serve_connection(reader, writer, state, metrics)
+        finally:
+            handle._conns.discard(writer)
+            writer.close()
+
+    server = await asyncio.start_server(on_connect, http.host, http.port, limit=_MAX_HEAD)
+    handle._server = server
+    handle.port = int(server.sockets[0].getsockname()[1])
     log.info("health.listening", host=http.host, port=handle.port)
     try:
         yield handle
@@ -178,25 +182,81 @@ async def serve(
         await handle.close()
 
 
-async def _healthz(request: web.Request) -> web.Response:
-    return web.Response(text="ok\n")
+async def _serve_connection(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    state: HealthState,
+    metrics: Metrics,
+) -> None:
+    """Answer requests on one connection until the client closes it or asks to."""
+    with contextlib.suppress(ConnectionError, TimeoutError, asyncio.IncompleteReadError):
+        while True:
+            try:
+                async with asyncio.timeout(_IDLE):
+                    head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.LimitOverrunError:
+                await _send(writer, 431, "text/plain", b"request head too large\n", close=True)
+                return
+            lines = head.decode("latin-1").split("\r\n")
+            parts = lines[0].split(" ")
+            if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+                await _send(writer, 400, "text/plain", b"bad request\n", close=True)
+                return
+            method, target, version = parts
+            headers = {}
+            for line in lines[1:]:
+                name, sep, value = line.partition(":")
+                if sep:
+                    headers[name.strip().lower()] = value.strip()
+            if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
+                # Probes send no body; not reading one would desynchronise the connection.
+                await _send(writer, 400, "text/plain", b"unexpected body\n", close=True)
+                return
+            close = (
+                version == "HTTP/1.0"
+                if "connection" not in headers
+                else headers["connection"].lower() == "close"
+            )
+            status, ctype, body = _route(method, target.partition("?")[0], state, metrics)
+            await _send(writer, status, ctype, body, close=close, head_only=method == "HEAD")
+            if close:
+                return
 
 
-async def _readyz(request: web.Request) -> web.Response:
-    state = request.app[STATE_KEY].refreshed()
-    reasons = state.reasons()
-    request.app[METRICS_KEY].ready.set(0 if reasons else 1)
-    return web.json_response(
-        {"ready": not reasons, "state": state.state, "reasons": redact(reasons)},
-        status=503 if reasons else 200,
+def _route(method: str, path: str, state: HealthState, metrics: Metrics) -> tuple[int, str, bytes]:
+    if method not in {"GET", "HEAD"}:
+        return 405, "text/plain", b"method not allowed\n"
+    if path == "/healthz":
+        return 200, "text/plain; charset=utf-8", b"ok\n"
+    if path == "/readyz":
+        current = state.refreshed()
+        reasons = current.reasons()
+        metrics.ready.set(0 if reasons else 1)
+        doc = {"ready": not reasons, "state": current.state, "reasons": redact(reasons)}
+        return (503 if reasons else 200), _JSON, json.dumps(doc).encode()
+    if path == "/metrics":
+        metrics.ready.set(1 if state.refreshed().ready else 0)
+        return 200, CONTENT_TYPE_LATEST, metrics.render()
+    if path == "/status":
+        return 200, _JSON, json.dumps(state.refreshed().status()).encode()
+    return 404, "text/plain", b"not found\n"
+
+
+async def _send(
+    writer: asyncio.StreamWriter,
+    status: int,
+    ctype: str,
+    body: bytes,
+    *,
+    close: bool,
+    head_only: bool = False,
+) -> None:
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+        f"Content-Type: {ctype}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        + ("Allow: GET, HEAD\r\n" if status == 405 else "")
+        + f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n"
     )
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    metrics = request.app[METRICS_KEY]
-    metrics.ready.set(1 if request.app[STATE_KEY].refreshed().ready else 0)
-    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-async def _status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[STATE_KEY].refreshed().status())
+    writer.write(head.encode("latin-1") + (b"" if head_only else body))
+    await writer.drain()

@@ -221,7 +221,7 @@ class Components:
     health: HealthState
     state: StateStore
     tree: ProjectTree
-    http: aiohttp.ClientSession
+    http: aiohttp.ClientSession | None  # only with Realtime
     reaper: Reaper
     applier: Applier | None  # applies remote changes: only with Realtime
     live: Live | NoLive
@@ -232,12 +232,12 @@ class Components:
 
 
 def build(
-    settings: Settings, cmd: tuple[str, ...] = (), *, http: aiohttp.ClientSession
+    settings: Settings, cmd: tuple[str, ...] = (), *, http: aiohttp.ClientSession | None
 ) -> Components:
     """Construct every component for `settings` and connect them; start nothing.
 
-    `http` is opened (and closed) by the app. Opens the state database; raises ConfigError for
-    an unusable token or on-change rule.
+    `http` is opened (and closed) by the app; it may be None without Realtime. Opens the
+    state database; raises ConfigError for an unusable token or on-change rule.
     """
     metrics = Metrics(settings.project_id, settings.session_id)
     child_user = resolve_child_user(settings.process.child_user)
@@ -269,6 +269,7 @@ def build(
         from sidecar.live.subscription import Subscription, SubscriptionTuning
         from sidecar.live.tokens import TokenSource
 
+        assert http is not None, "the app opens the HTTP session when REALTIME_URL is set"
         tokens = TokenSource.from_settings(settings.realtime)
         engine: SyncEngine  # bound below; the subscription only calls it once running
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -190,3 +191,35 @@ def test_ready_property_and_reasons() -> None:
         (True, []),
         (True, []),
     ]
+
+
+async def test_keep_alive_head_unknown_paths_and_oversized_heads(server: HealthServer) -> None:
+    """Two requests on one kept-alive connection, HEAD without a body, 404 and 405, and a
+    request head over 16 KiB answered 431 and closed; close() ends idle connections."""
+    assert server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nHEAD /status HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    first = await reader.readuntil(b"ok\n")
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"Connection: keep-alive" in first
+    second = await reader.readuntil(b"\r\n\r\n")
+    assert second.startswith(b"HTTP/1.1 200 OK\r\n")
+    writer.write(b"GET /nope HTTP/1.1\r\n\r\nPOST /healthz HTTP/1.1\r\n\r\n")
+    assert (await reader.readuntil(b"not found\n")).startswith(b"HTTP/1.1 404 ")
+    allowed = await reader.readuntil(b"method not allowed\n")
+    assert allowed.startswith(b"HTTP/1.1 405 ")
+    assert b"Allow: GET, HEAD" in allowed
+    await server.close()
+    assert await reader.read() == b""  # closed by the server
+    writer.close()
+
+
+async def test_oversized_request_head_is_refused(server: HealthServer) -> None:
+    assert server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+    answer = await reader.read()
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    writer.close()

@@ -1,6 +1,6 @@
 """Start-up imports only what the path in use needs: `sidecar hydrate`, and `sidecar run` without
 REALTIME_URL up to the moment it starts the child, never load realtime-py, pydantic or
-watchfiles (tens of ms each); `sidecar hydrate` loads no asyncio web stack either.
+watchfiles (tens of ms each), nor aiohttp (the health listener is on asyncio streams).
 
 The real CLI runs in a subprocess under a wrapper that records `sys.modules` when the child is
 spawned (the `subprocess.Popen` audit event) and at exit.
@@ -71,4 +71,5 @@ async def test_hydrate_and_run_without_realtime_import_only_their_path(tmp_path:
         assert done.returncode == 0, done.stderr
         mods = json.loads((tmp_path / "run" / "child.json").read_text())
         assert "sidecar.process.child" in mods
-        assert _loaded(mods, FORBIDDEN) == []
+        assert "sidecar.health" in mods  # the listener was on (SIDECAR_HTTP_ADDR)
+        assert _loaded(mods, (*FORBIDDEN, "aiohttp")) == []
