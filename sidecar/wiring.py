@@ -344,6 +344,7 @@ def build(
             on_applied=on_applied,
             tuning=SyncTuning(request_wait=settings.snapshot.request_wait),
             accept_client_events=settings.twoway.accept_client_events,
+            catch_up=None if reporter is None else reporter.catch_up,
         )
         live = Live(tokens, sub, engine)
 

@@ -37,11 +37,14 @@ from sidecar.live.events import (
 from sidecar.metrics import Metrics
 from sidecar.snapshot.manifest import Manifest
 
-__all__ = ["ChannelLink", "ResyncFn", "SyncEngine", "SyncTuning"]
+__all__ = ["CatchUpFn", "ChannelLink", "ResyncFn", "SyncEngine", "SyncTuning"]
 
 log = structlog.get_logger(component="sync")
 
 ResyncFn = Callable[[str, str | None], Awaitable[Manifest]]
+# (after_seq, until_seq) -> the database's logged events after after_seq, in seq order, at least
+# up to until_seq when the log still has them: (event, payload) pairs (project_events_since).
+CatchUpFn = Callable[[int, int], Awaitable[Sequence[tuple[str, dict[str, Any]]]]]
 OnApplied = Callable[[list[str]], "Awaitable[None] | None"]
 REJECTED = "sidecar:rejected"  # placeholder for an invalid event that carried a seq
 REPLAY_LIMIT = 25  # what one replay can deliver (delta rule 5)
@@ -115,6 +118,8 @@ class SyncEngine:
         tuning: gap-recovery timing.
         accept_client_events: apply file changes and snapshot:ready without `meta.id` (pushed
             by clients on the channel); SIDECAR_ACCEPT_CLIENT_EVENTS, weaker.
+        catch_up: reads missed events from the database's event log (rule 5: after replay,
+            before a snapshot); None without SUPABASE_URL.
     """
 
     def __init__(
@@ -128,8 +133,10 @@ class SyncEngine:
         on_applied: OnApplied | None = None,
         tuning: SyncTuning | None = None,
         accept_client_events: bool = False,
+        catch_up: CatchUpFn | None = None,
     ) -> None:
         self.accept_client_events = accept_client_events
+        self.catch_up = catch_up
         self.applier = applier
         self.tree = applier.tree
         self.metrics = metrics
@@ -302,9 +309,11 @@ class SyncEngine:
         meta_id = meta.get("id") if isinstance(meta, Mapping) else None
         return not (isinstance(meta_id, str) and meta_id)
 
-    def _parse(self, event: str, payload: Any, meta: Any, received_at: float) -> _Item | None:
+    def _parse(
+        self, event: str, payload: Any, meta: Any, received_at: float, *, trusted: bool = False
+    ) -> _Item | None:
         self.last_event_at = received_at
-        if self._untrusted(event, meta):
+        if not trusted and self._untrusted(event, meta):
             self.metrics.event(str(event)[:64], "untrusted")
             self._count("untrusted")
             log.warning(
@@ -540,6 +549,8 @@ class SyncEngine:
                 self.link.rejoin(since)
                 return
             gap.deadline = now  # replay cannot hold that many: go straight to a snapshot
+        if gap.phase == "replay" and now >= gap.deadline and await self._catch_up():
+            return
         if gap.phase == "replay" and now >= gap.deadline:
             gap.phase = "request"
             gap.rounds += 1
@@ -548,6 +559,34 @@ class SyncEngine:
         elif gap.phase == "request" and now >= gap.deadline:
             gap.phase = "reorder"
             gap.deadline = now
+
+    async def _catch_up(self) -> bool:
+        """Rule 5's second step: read the missing events from the database's event log with
+        our own token (paged); True when that closed the gap. Past replay's 25 rows and its
+        retention, and for events `realtime.send` stored nowhere (it swallows its failures)."""
+        if self.catch_up is None or not self._held:
+            return False
+        after, until = self.last_seq or 0, max(self._held)
+        try:
+            rows = await self.catch_up(after, until)
+        except SidecarError as exc:
+            log.warning("sync.catch_up_failed", last_seq=after, error=str(exc))
+            return False
+        now = time.time()
+        for event, payload in rows:
+            # From the database through an authenticated RPC: as trusted as realtime.send's.
+            item = self._parse(event, payload, None, now, trusted=True)
+            if item is not None and item.ev.event != SNAPSHOT_READY:
+                self._admit(item)
+        await self._apply_ready()
+        closed = not self._held
+        log.info(
+            "sync.caught_up" if closed else "sync.catch_up_incomplete",
+            after_seq=after,
+            events=len(rows),
+            last_seq=self.last_seq,
+        )
+        return closed
 
     def _gap_since(self) -> int:
         base = self._last_seq_received_at

@@ -125,3 +125,78 @@ async def test_large_files_travel_without_a_body_and_are_fetched(
         and "content_b64" not in e["payload"]
     ]
     assert bodyless == ["big.txt", "big.bin", "big.txt"]
+
+
+async def snapshot_requests(stack: PgStack) -> int:
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(stack.cluster.dsn("supabase_admin")) as c:
+        row = await (
+            await c.execute(
+                "select count(*) from sidecar.snapshot_requests where project_id = %s",
+                (stack.project,),
+            )
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+async def test_gap_beyond_replay_is_filled_from_the_event_log(
+    stack: PgStack, tmp_path: Path
+) -> None:
+    """40 events are committed while nothing is streamed live (Realtime's replication
+    connection down): more than one replay (25 rows) can return. The next live event shows
+    the gap; the sidecar reads the missing events with project_events_since and converges
+    without asking for a snapshot."""
+    async with running_sidecar(
+        stack,  # type: ignore[arg-type]
+        tmp_path,
+        token=stack.token(),
+        env_overrides={"SUPABASE_URL": stack.rpc.url},
+    ) as sc:
+        stack.rt.knobs.replication_up = False
+        for i in range(40):
+            await stack.editor_upsert(f"missed/{i % 7}.txt", f"missed {i}\n".encode())
+        stack.rt.knobs.replication_up = True
+        await stack.editor_upsert("after.txt", b"the event that shows the gap\n")
+        want = await stack.files()
+        await sc.wait_tree(lambda: want, timeout=30)
+        await sc.wait_log("sync.caught_up")
+        assert (await sc.status())["last_seq"] == await stack.seq()
+        assert await sc.metric("sidecar_resyncs_total") == 0
+        assert await snapshot_requests(stack) == 0
+
+
+async def test_silently_failed_broadcast_is_caught_up(stack: PgStack, tmp_path: Path) -> None:
+    """realtime.send swallows its failures: with today's partition gone the write commits, its
+    event is logged but never stored for Realtime, neither live nor in replay. The sidecar
+    still gets it from the event log."""
+    import psycopg
+
+    async with running_sidecar(
+        stack,  # type: ignore[arg-type]
+        tmp_path,
+        token=stack.token(),
+        env_overrides={"SUPABASE_URL": stack.rpc.url},
+    ) as sc:
+        async with await psycopg.AsyncConnection.connect(
+            stack.cluster.dsn("supabase_admin"), autocommit=True
+        ) as admin:
+            [(partition,)] = await (
+                await admin.execute(
+                    "select 'realtime.messages_' || to_char(now() at time zone 'utc', 'YYYY_MM_DD')"
+                )
+            ).fetchall()
+            await admin.execute(f"drop table {partition}")
+            try:
+                await stack.editor_upsert("lost.txt", b"broadcast failed silently\n")
+            finally:
+                await admin.execute("select realtime.create_messages_partitions()")
+        lost = [e for e in await stack.events() if e["payload"].get("file_path") == "lost.txt"]
+        assert len(lost) == 1  # committed and logged...
+        await stack.editor_upsert("next.txt", b"delivered live\n")  # ...and this shows the gap
+        want = await stack.files()
+        await sc.wait_tree(lambda: want, timeout=30)
+        assert (sc.project_dir / "lost.txt").read_bytes() == b"broadcast failed silently\n"
+        await sc.wait_log("sync.caught_up")
+        assert await sc.metric("sidecar_resyncs_total") == 0
+        assert await snapshot_requests(stack) == 0
