@@ -53,6 +53,7 @@ class HealthState:
     counts: dict[str, int] = field(default_factory=dict)
     conflicts: list[dict[str, Any]] = field(default_factory=list)
     last_error: str | None = None
+    fault: str | None = None  # an environment fault being retried (disk full, read-only)
     child_pid: int | None = None
     child_status: int | None = None  # exit status once the child has exited
     started_at: float = field(default_factory=time.time)
@@ -80,6 +81,8 @@ class HealthState:
             reasons.append("not subscribed")
         if self.halted:
             reasons.append("halted")
+        if self.fault:
+            reasons.append(f"environment fault: {self.fault}")
         if self.lag_seconds is not None and self.lag_seconds > self.max_lag:
             reasons.append(f"lag {self.lag_seconds:.1f}s over {self.max_lag:g}s")
         if self.child_status is not None:
@@ -110,6 +113,7 @@ class HealthState:
             "counts": dict(self.counts),
             "conflicts": list(self.conflicts),
             "last_error": self.last_error,
+            "fault": self.fault,
             "child": {"pid": self.child_pid, "status": self.child_status},
             "uptime_seconds": round(time.time() - self.started_at, 3),
         }

@@ -105,6 +105,7 @@ class Live:
         health.counts = dict(st["counts"])
         if st["last_error"]:
             health.last_error = st["last_error"]
+        health.fault = st["fault"]["message"] if st["fault"] else None
         if self.tokens.last_refusal:  # a rotation to a service_role token: alarmed, not fatal
             health.last_error = self.tokens.last_refusal
 

@@ -24,7 +24,12 @@ from typing import Any, Protocol
 
 import structlog
 
-from sidecar.errors import QuotaExceededError, SidecarError
+from sidecar.errors import (
+    EnvironmentFaultError,
+    QuotaExceededError,
+    SidecarError,
+    environment_fault,
+)
 from sidecar.live.apply import Applier, ResyncNeeded
 from sidecar.live.events import (
     BULK_APPLY,
@@ -35,6 +40,7 @@ from sidecar.live.events import (
     parse_event,
 )
 from sidecar.metrics import Metrics
+from sidecar.retry import backoff_delay
 from sidecar.snapshot.manifest import Manifest
 
 __all__ = ["CatchUpFn", "ChannelLink", "ResyncFn", "SyncEngine", "SyncTuning"]
@@ -71,6 +77,7 @@ class SyncTuning:
     batch_max: how many queued messages one pass takes (coalescing works within a pass).
     max_held: events held past a gap beyond this are dropped (the snapshot covers them).
     coalesce: coalesce runs of single-file changes to one path.
+    fault_backoff_initial / fault_backoff_max: retry delays after an environment fault.
     """
 
     reorder_wait: float = 0.5
@@ -80,6 +87,8 @@ class SyncTuning:
     batch_max: int = 512
     max_held: int = 10_000
     coalesce: bool = True
+    fault_backoff_initial: float = 0.2  # first retry after a full disk / read-only fault
+    fault_backoff_max: float = 5.0  # so the tree converges within seconds once space is back
 
 
 @dataclass(slots=True)
@@ -96,6 +105,18 @@ class _Request:
     last_seq: int | None
     sent_at: float  # unix
     deadline: float  # monotonic
+
+
+@dataclass(slots=True)
+class _Fault:
+    """The environment refused a change (disk full, read-only...): it is retried, not skipped."""
+
+    kind: str
+    message: str
+    since: float  # unix
+    attempts: int = 0
+    retry_at: float = 0.0  # monotonic
+    resync: tuple[DeltaEvent, str] | None = None  # a failed resync to run again
 
 
 @dataclass(slots=True)
@@ -164,6 +185,7 @@ class SyncEngine:
         self._inflight_since: float | None = None
         self._idle = asyncio.Event()
         self._guessed_baseline = False
+        self._fault: _Fault | None = None
 
     # -- input (from realtime-py's listener: must not block or raise) --
 
@@ -244,6 +266,14 @@ class SyncEngine:
             "resyncs": self.resyncs,
             "counts": dict(self.counts),
             "last_error": self.last_error,
+            "fault": None
+            if self._fault is None
+            else {
+                "kind": self._fault.kind,
+                "message": self._fault.message,
+                "since": self._fault.since,
+                "attempts": self._fault.attempts,
+            },
         }
 
     # -- main loop --
@@ -289,6 +319,7 @@ class SyncEngine:
             for d in (
                 self._gap.deadline if self._gap else None,
                 self._request.deadline if self._request else None,
+                self._fault.retry_at if self._fault else None,
             )
             if d is not None
         ]
@@ -403,11 +434,18 @@ class SyncEngine:
             expected += 1
 
     async def _apply_ready(self) -> None:
+        if self._fault is not None and time.monotonic() < self._fault.retry_at:
+            return  # an environment fault: wait for the retry (run() wakes up for it)
         self._take_contiguous()
         while self._ready:
             ready, self._ready = self._ready, []
-            for item in self._coalesce(ready):
-                await self._apply_one(item)
+            items = self._coalesce(ready)
+            for i, item in enumerate(items):
+                if not await self._apply_one(item):
+                    # Stalled on it: it and everything after it wait, in order, for the retry.
+                    self._ready = items[i:] + self._ready
+                    self._note_seq()
+                    return
             self._take_contiguous()
         self._note_seq()
 
@@ -458,28 +496,44 @@ class SyncEngine:
         if self.last_seq is None:
             return
         self.metrics.last_seq.set(self.last_seq)
-        self.tree.commit(seq=self.last_seq)  # a no-op unless it moved (skipped, rejected seqs)
+        try:
+            self.tree.commit(seq=self.last_seq)  # a no-op unless it moved (skipped, rejected)
+        except EnvironmentFaultError as exc:
+            self._stall(exc, "seq")  # kept in memory; written by the next commit that works
 
-    async def _apply_one(self, item: _Item) -> None:
+    async def _apply_one(self, item: _Item) -> bool:
+        """Apply one event; False when an environment fault stalled it (retried later, its seq
+        not counted as applied)."""
         ev = item.ev
         if ev.event == REJECTED:
             self._advance_seq(item)  # counted when it was parsed
-            return
+            return True
         outcome = "rejected"
         resync: str | None = None
         try:
             outcome = await self.applier.apply(ev)
         except ResyncNeeded as exc:
+            fault = environment_fault(exc.__cause__) if exc.__cause__ is not None else None
+            if fault is not None:
+                self._stall(fault, ev.event, seq=ev.seq)
+                return False
             self.last_error, resync = str(exc), exc.reason
         except (InvalidEventError, QuotaExceededError) as exc:
             self.last_error = str(exc)  # the Applier counted and logged it
         except (OSError, SidecarError) as exc:
-            # The disk refused (ENOSPC, EACCES...): the tree may now differ from the state.
+            fault = environment_fault(exc)
+            if fault is not None:
+                # A full disk, a read-only mount: not the event's fault. Retried with backoff
+                # until it succeeds; the child keeps running (sidecar/errors.py).
+                self._stall(fault, ev.event, seq=ev.seq)
+                return False
+            # Any other refusal: the tree may now differ from the state.
             self.last_error, resync = f"{type(exc).__name__}: {exc}", "apply_failed"
         if resync == "apply_failed":
             log.error("sync.apply_failed", event_name=ev.event, seq=ev.seq, error=self.last_error)
         if resync is not None:
             await self._want_snapshot(resync)
+        self._recovered()
         self._advance_seq(item)
         self._count(outcome)
         if outcome == "applied":
@@ -488,6 +542,67 @@ class SyncEngine:
             if ev.timestamp is not None:
                 self.last_apply_lag = max(0.0, now - ev.timestamp)
             await self._notify([c.path for c in ev.changes])
+        return True
+
+    # -- environment faults: reported, retried with backoff, never fatal --
+
+    def _stall(
+        self,
+        exc: EnvironmentFaultError,
+        what: str,
+        *,
+        seq: int | None = None,
+        resync: tuple[DeltaEvent, str] | None = None,
+    ) -> None:
+        now = time.monotonic()
+        fault = self._fault
+        if fault is None:
+            fault = self._fault = _Fault(exc.kind, str(exc), time.time())
+        fault.kind, fault.message = exc.kind, str(exc)
+        fault.attempts += 1
+        if resync is not None:
+            fault.resync = resync
+        t = self.tuning
+        delay = backoff_delay(
+            fault.attempts, t.fault_backoff_initial, t.fault_backoff_max, floor=0.5
+        )
+        fault.retry_at = now + delay
+        self.last_error = f"{exc.kind}: {exc}"
+        self.metrics.event(what, "environment_fault")
+        self._count("environment_fault")
+        # First time loud, then at growing intervals: a full disk can last for hours.
+        if fault.attempts & (fault.attempts - 1) == 0:
+            log.error(
+                "sync.environment_fault",
+                kind=exc.kind,
+                path=exc.path,
+                reason=str(exc),
+                event_name=what,
+                seq=seq,
+                attempts=fault.attempts,
+                retry_in=round(delay, 3),
+            )
+
+    def _recovered(self) -> None:
+        fault = self._fault
+        if fault is None or fault.resync is not None:
+            return
+        self._fault = None
+        self.last_error = None
+        log.info(
+            "sync.environment_recovered",
+            kind=fault.kind,
+            attempts=fault.attempts,
+            seconds=round(time.time() - fault.since, 3),
+        )
+
+    async def _retry_resync(self) -> None:
+        fault = self._fault
+        if fault is None or fault.resync is None or time.monotonic() < fault.retry_at:
+            return
+        ev, reason = fault.resync
+        fault.resync = None
+        await self._resync(ev, reason)
 
     async def _notify(self, paths: list[str]) -> None:
         if self.on_applied is None or not paths:
@@ -507,6 +622,7 @@ class SyncEngine:
     async def _advance_recovery(self) -> None:
         if not self.hydrated.is_set():
             return
+        await self._retry_resync()
         now = time.monotonic()
         if self._request is not None and now >= self._request.deadline:
             log.warning(
@@ -671,6 +787,12 @@ class SyncEngine:
         try:
             manifest = await self.resync_fn(ev.snapshot_url, ev.sha256)
         except (SidecarError, OSError) as exc:
+            fault = environment_fault(exc)
+            if fault is not None:
+                # Disk full mid-resync: the same snapshot is tried again in seconds, not after
+                # the snapshot:request timeout.
+                self._stall(fault, "resync", seq=ev.seq, resync=(ev, reason))
+                return
             self.last_error = f"resync failed: {type(exc).__name__}: {exc}"
             manifest = None
         if manifest is None:
@@ -679,6 +801,7 @@ class SyncEngine:
             return
         self.resyncs += 1
         self.metrics.inc(self.metrics.resyncs, reason)
+        self._recovered()
         self._request = None
         self._gap = None
         if manifest.seq is not None and (self.last_seq is None or manifest.seq > self.last_seq):

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sidecar.errors import ExitCode
-from tests.e2e.e2e_stack import SAMPLE, Stack, base_env, read_tree, run_sidecar
+from tests.e2e.e2e_stack import SAMPLE, Stack, base_env, read_tree, run_sidecar, running_sidecar
 from tests.fsfaults import fill, readonly_bind, remount, tmpfs
 
 pytestmark = pytest.mark.e2e
@@ -139,3 +141,66 @@ async def test_permission_denied(tmp_path: Path) -> None:
         assert str(parent / "project") in line
         assert "permission denied" in line
         assert os.listdir(parent) == []
+
+
+async def test_full_disk_in_run_keeps_the_child_and_converges_when_space_is_back(
+    tmp_path: Path,
+) -> None:
+    """`sidecar run` with PROJECT_DIR on a full tmpfs: deltas and then a resync fail with
+    ENOSPC; the child keeps running, the failure is visible (log, metric, /status, /readyz 503
+    with the reason), the failed event's seq is not counted as applied, and once space is freed
+    the tree converges within seconds (not after the snapshot:request timeout)."""
+    async with Stack() as stack:
+        with tmpfs(tmp_path / "disk", "4m") as disk:
+            env = {"SIDECAR_SNAPSHOT_REQUEST_WAIT": "60", "SIDECAR_STATE_DIR": None}
+            async with running_sidecar(stack, disk, cmd=["sleep", "600"], env_overrides=env) as sc:
+
+                async def child_pid() -> int | None:
+                    pid: int | None = (await sc.status())["child"]["pid"]
+                    return pid
+
+                child = await sc.wait(child_pid, "the child is running")
+                ballast = fill(disk)
+                # Deltas on a full disk.
+                await stack.rpc.editor_upsert(stack.project, "src/big.js", os.urandom(40 * 1024))
+                await stack.rpc.editor_upsert(stack.project, "src/next.js", b"next\n")
+                await sc.wait_log("sync.environment_fault")
+
+                async def unready() -> dict[str, Any] | None:
+                    code, doc = await sc.readyz()
+                    return doc if code == 503 else None
+
+                doc = await sc.wait(unready, "/readyz 503 with the fault")
+                assert any("no space left" in r for r in doc["reasons"]), doc
+                status = await sc.status()
+                assert status["fault"], status
+                assert status["last_seq"] < stack.rpc.seq(stack.project), status
+                assert status["child"]["pid"] == child
+                assert await sc.metric("sidecar_events_total", outcome="environment_fault") >= 1
+                ballast.unlink()
+                freed = time.monotonic()
+                await sc.wait_tree(stack.files, timeout=15)
+                assert time.monotonic() - freed < 10
+                await sc.wait_ready(10)
+                assert (await sc.status())["last_seq"] == stack.rpc.seq(stack.project)
+
+                # A resync (gap beyond replay) on a full disk.
+                ballast = fill(disk)
+                rt, p = stack.rt, stack.project
+                rt.knobs.replication_up = False
+                for i in range(30):
+                    await stack.rpc.editor_upsert(p, f"gap/f{i:02d}.txt", os.urandom(2048))
+                rt.knobs.replication_up = None
+                await stack.rpc.editor_upsert(p, "gap/last.txt", b"seen live\n")
+                await sc.wait_log(
+                    "sync.environment_fault", where=lambda d: d.get("event_name") == "resync"
+                )
+                assert sc.proc.returncode is None
+                assert (await sc.status())["child"]["pid"] == child
+                ballast.unlink()
+                freed = time.monotonic()
+                await sc.wait_tree(stack.files, timeout=30)
+                assert time.monotonic() - freed < 15, "converged by the retry, not the timeout"
+                await sc.wait_ready(10)
+                assert (await sc.status())["child"]["pid"] == child
+            assert not list((disk / "sidecar-project").rglob("*.sidecar-tmp-*"))
