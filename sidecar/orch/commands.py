@@ -117,7 +117,7 @@ async def _worker(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from sidecar.orch.storage import StorageClient
     from sidecar.orch.worker import SnapshotWorker
 
-    settings = OrchestratorEnv.from_env(env)
+    settings = OrchestratorEnv.from_env(env, need_database=True)
     if not 0.05 <= args.sweep_interval <= 3600:
         raise ConfigError(f"--sweep-interval must be 0.05..3600 s, got {args.sweep_interval}")
     addr = args.http_addr or env.get("SIDECAR_WORKER_HTTP_ADDR", "").strip() or None
@@ -128,7 +128,7 @@ async def _worker(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     async with aiohttp.ClientSession() as session:
         worker = SnapshotWorker(
             settings.database_url,
-            StorageClient(settings.supabase_url, settings.service_key, session),
+            StorageClient(settings.storage_url, settings.service_key, session),
             settings.bucket,
             settings.url_ttl,
             sweep_interval=args.sweep_interval,
@@ -161,25 +161,35 @@ async def _worker(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 async def _publish(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    import asyncio
     import json
     import uuid
 
     import aiohttp
 
-    from sidecar.orch.publish import publish
+    from sidecar.orch.publish import database_reader, publish
     from sidecar.orch.settings import OrchestratorEnv
+    from sidecar.orch.source import Reader, RestReader
     from sidecar.orch.storage import StorageClient
 
-    settings = OrchestratorEnv.from_env(env)
+    settings = OrchestratorEnv.from_env(env, need_database=False)
     try:
         project = str(uuid.UUID(args.project))
     except ValueError:
         raise ConfigError(f"--project must be a UUID, got {args.project[:60]!r}") from None
     async with aiohttp.ClientSession() as session:
-        storage = StorageClient(settings.supabase_url, settings.service_key, session)
+        storage = StorageClient(settings.storage_url, settings.service_key, session)
+        read: Reader
+        if settings.database_url:
+            read = database_reader(settings.database_url)
+        else:  # PostgREST with the service key
+            rest = RestReader(
+                settings.supabase_url, settings.service_key, session, asyncio.get_running_loop()
+            )
+            read = rest.read
         result = await publish(
             project,
-            dsn=settings.database_url,
+            read=read,
             storage=storage,
             bucket=settings.bucket,
             expires_in=settings.url_ttl,

@@ -25,17 +25,25 @@ import aiohttp
 import structlog
 
 from sidecar.errors import SidecarError, SnapshotUnavailableError
-from sidecar.orch.source import read_project
+from sidecar.orch.source import ProjectChangedError, Reader, read_project
 from sidecar.orch.storage import StorageClient, StorageError
 from sidecar.retry import backoff_delay
 from sidecar.snapshot.build import snapshot_id_for, write_files_snapshot
 from sidecar.snapshot.manifest import Manifest
 
-__all__ = ["Built", "Published", "build_from_database", "object_path", "publish"]
+__all__ = [
+    "Built",
+    "Published",
+    "build_from_database",
+    "database_reader",
+    "object_path",
+    "publish",
+]
 
 log = structlog.get_logger(component="snapshot_publish")
 
 _ATTEMPTS = 4
+_READS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +99,26 @@ class _HashingWriter:
         self._f.flush()
 
 
-def build_from_database(dsn: str, project_id: str, out_dir: Path, *, level: int = 3) -> Built:
-    """Read the project and write its snapshot into a new file under out_dir (blocking)."""
-    with read_project(dsn, project_id) as (state, open_file):
+def database_reader(dsn: str) -> Reader:
+    """Reads through a direct database connection (sidecar/orch/source.py read_project)."""
+    return lambda project_id: read_project(dsn, project_id)
+
+
+def build_from_database(read: Reader, project_id: str, out_dir: Path, *, level: int = 3) -> Built:
+    """Read the project and write its snapshot into a new file under out_dir (blocking); a
+    read that saw the project change (the REST path) is done again, a few times at most."""
+    for attempt in range(_READS):
+        try:
+            return _build_once(read, project_id, out_dir, level)
+        except ProjectChangedError as exc:
+            log.info("snapshot.project_changed", project=project_id, path=str(exc), read=attempt)
+    raise SnapshotUnavailableError(
+        f"project {project_id} changed during each of {_READS} reads; try again when it is quieter"
+    )
+
+
+def _build_once(read: Reader, project_id: str, out_dir: Path, level: int) -> Built:
+    with read(project_id) as (state, open_file):
         snapshot_id = snapshot_id_for(project_id, state.created_at, state.files, state.seq)
         manifest = Manifest(project_id, snapshot_id, state.created_at, state.files, state.seq)
         fd, name = tempfile.mkstemp(prefix=".publish-", suffix=".tar.zst", dir=out_dir)
@@ -111,7 +136,7 @@ def build_from_database(dsn: str, project_id: str, out_dir: Path, *, level: int 
 async def publish(
     project_id: str,
     *,
-    dsn: str,
+    read: Reader,
     storage: StorageClient,
     bucket: str,
     expires_in: int,
@@ -121,7 +146,7 @@ async def publish(
     """Build, upload unless already there, and sign the project's snapshot."""
     started = time.monotonic()
     out_dir = work_dir or Path(tempfile.gettempdir())
-    built = await asyncio.to_thread(build_from_database, dsn, project_id, out_dir, level=level)
+    built = await asyncio.to_thread(build_from_database, read, project_id, out_dir, level=level)
     try:
         manifest = built.manifest
         path = object_path(project_id, manifest.snapshot_id)

@@ -22,21 +22,25 @@ _KEY_VARS = ("SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_SECRET_KEY")
 
 @dataclass(frozen=True, slots=True)
 class OrchestratorEnv:
-    database_url: str
+    database_url: str  # "" = read through PostgREST (publish only)
     supabase_url: str
+    storage_url: str  # SIDECAR_STORAGE_URL, default SUPABASE_URL
     service_key: str
     bucket: str
     url_ttl: int  # seconds a signed snapshot URL stays valid
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> OrchestratorEnv:
-        """DATABASE_URL, SUPABASE_URL, the service key, SIDECAR_SNAPSHOT_BUCKET and
-        SIDECAR_SNAPSHOT_URL_TTL; every problem reported at once (ConfigError)."""
+    def from_env(cls, env: Mapping[str, str], *, need_database: bool) -> OrchestratorEnv:
+        """DATABASE_URL (optional for publish: without it the files are read through PostgREST
+        at SUPABASE_URL), SUPABASE_URL, the service key, SIDECAR_STORAGE_URL,
+        SIDECAR_SNAPSHOT_BUCKET and SIDECAR_SNAPSHOT_URL_TTL; every problem at once."""
         problems: list[str] = []
         database_url = env.get("DATABASE_URL", "").strip()
         register_secret(database_url)
-        if not database_url:
-            problems.append("DATABASE_URL is required (a connection as postgres or service_role)")
+        if need_database and not database_url:
+            problems.append(
+                "DATABASE_URL is required (a connection as postgres: LISTEN and row locks)"
+            )
         supabase_url = env.get("SUPABASE_URL", "").strip()
         if not supabase_url.startswith(("http://", "https://")):
             problems.append("SUPABASE_URL must be the project's http(s) URL (Storage lives there)")
@@ -55,6 +59,9 @@ class OrchestratorEnv:
                 )
         elif not key.startswith("sb_secret_"):
             problems.append(f"{key_name} is neither a service_role JWT nor an sb_secret_ key")
+        storage_url = env.get("SIDECAR_STORAGE_URL", "").strip() or supabase_url
+        if not storage_url.startswith(("http://", "https://")):
+            problems.append("SIDECAR_STORAGE_URL must be an http(s) URL")
         bucket = env.get("SIDECAR_SNAPSHOT_BUCKET", "").strip() or "project-snapshots"
         ttl_text = env.get("SIDECAR_SNAPSHOT_URL_TTL", "").strip() or "3600"
         ttl = int(ttl_text) if ttl_text.isdigit() else 0
@@ -64,4 +71,6 @@ class OrchestratorEnv:
             )
         if problems:
             raise ConfigError(problems)
-        return cls(database_url, supabase_url.rstrip("/"), key, bucket, ttl)
+        return cls(
+            database_url, supabase_url.rstrip("/"), storage_url.rstrip("/"), key, bucket, ttl
+        )

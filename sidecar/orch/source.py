@@ -13,21 +13,24 @@ so the same files and seq always give the same snapshot bytes and snapshot_id.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, BinaryIO
 
 import psycopg
 
-from sidecar.errors import ConfigError, SnapshotInvalidError
+from sidecar.errors import ConfigError, SnapshotInvalidError, SnapshotUnavailableError
 from sidecar.snapshot.build import tree_order
 from sidecar.snapshot.manifest import FileEntry
 
-__all__ = ["ProjectState", "read_project"]
+__all__ = ["ProjectChangedError", "ProjectState", "Reader", "RestReader", "read_project"]
 
 _BATCH_BYTES = 8 << 20
 _BATCH_ROWS = 256
@@ -69,6 +72,10 @@ class ProjectState:
     seq: int
     created_at: int  # ms
     files: dict[str, FileEntry]
+
+
+# A consistent read of one project: project_id -> context manager of (state, open_file).
+Reader = Callable[[str], AbstractContextManager[tuple["ProjectState", Callable[[FileEntry], Any]]]]
 
 
 @contextmanager
@@ -146,3 +153,84 @@ def _bytes(path: str, file_type: str, content: str) -> bytes:
         except (binascii.Error, ValueError):
             raise SnapshotInvalidError(f"{path!r}: stored base64 is corrupt") from None
     return content.encode("utf-8")
+
+
+class ProjectChangedError(Exception):
+    """The project changed during a REST read (a file's head moved past the listed version)."""
+
+
+@dataclass
+class RestReader:
+    """The same read through PostgREST with the service-role key, for an orchestrator without
+    a database URL. `project_snapshot` lists the files and `seq` in one statement; each body
+    then comes from `get_project_file`, and a head whose version is not the listed one means
+    the project moved on: ProjectChangedError, and the caller reads again. Versions of a path
+    are immutable, so when every version matches the bytes are exactly the state at `seq`.
+    Called from the build's thread; the HTTP calls run on `loop`.
+    """
+
+    url: str  # the project URL; RPCs under /rest/v1/rpc/
+    key: str
+    session: Any  # aiohttp.ClientSession
+    loop: asyncio.AbstractEventLoop
+
+    def _rpc(self, fn: str, args: dict[str, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(self._call(fn, args), self.loop).result()
+
+    async def _call(self, fn: str, args: dict[str, Any]) -> Any:
+        headers = {"apikey": self.key, "Authorization": f"Bearer {self.key}"}
+        async with self.session.post(
+            f"{self.url}/rest/v1/rpc/{fn}", json=args, headers=headers
+        ) as resp:
+            body = await resp.json(content_type=None)
+            if resp.status >= 300:
+                detail = body.get("message") if isinstance(body, dict) else body
+                if resp.status == 401 or resp.status == 403:
+                    raise ConfigError(f"rpc/{fn} refused the service key: {resp.status} {detail}")
+                raise SnapshotUnavailableError(f"rpc/{fn} answered {resp.status}: {detail}")
+            return body
+
+    @contextmanager
+    def read(self, project_id: str) -> Iterator[tuple[ProjectState, Callable[[FileEntry], Any]]]:
+        snap = self._rpc("project_snapshot", {"project_uuid": project_id, "with_content": False})
+        if not snap:
+            raise ConfigError(f"project {project_id} is not registered in the database")
+        seq = int(snap["seq"])
+        created_at = int(snap["created_at"])
+        if seq > 0:
+            rows = self._rpc(
+                "project_events_since",
+                {"project_uuid": project_id, "after_seq": seq - 1, "max_rows": 1},
+            )
+            if rows and int(rows[0]["seq"]) == seq:
+                created_at = _iso_ms(str(rows[0]["created_at"]))
+        files: dict[str, FileEntry] = {}
+        for f in snap["files"]:
+            path = str(f["file_path"])
+            files[path] = FileEntry(
+                path, int(f["size"]), str(f["content_hash"]), 0o644, int(f["version"])
+            )
+
+        @contextmanager
+        def open_file(entry: FileEntry) -> Iterator[BinaryIO]:
+            row = self._rpc(
+                "get_project_file", {"project_uuid": project_id, "p_file_path": entry.path}
+            )
+            if not row or row.get("deleted") or int(row["version"]) != entry.version:
+                raise ProjectChangedError(entry.path)
+            if "content_b64" in row:
+                yield io.BytesIO(_bytes(entry.path, "binary", str(row["content_b64"])))
+            else:
+                yield io.BytesIO(_bytes(entry.path, "text", str(row.get("content") or "")))
+
+        yield ProjectState(project_id, seq, created_at, files), open_file
+
+
+def _iso_ms(text: str) -> int:
+    """A timestamptz as PostgREST renders it, in ms rounded like `(extract(epoch from t) *
+    1000)::bigint` in the database path (half away from zero), so both paths agree."""
+    when = datetime.fromisoformat(text)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    micros = (when - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    return int((Decimal(micros) / 1000).quantize(Decimal(1), rounding=ROUND_HALF_UP))

@@ -34,7 +34,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from psycopg.types.json import Jsonb
 
-from sidecar.orch.publish import publish
+from sidecar.orch.publish import database_reader, publish
 from sidecar.orch.storage import StorageClient
 from sidecar.redact import redact
 from sidecar.retry import backoff_delay
@@ -216,7 +216,7 @@ class SnapshotWorker:
         try:
             result = await publish(
                 project,
-                dsn=self.dsn,
+                read=database_reader(self.dsn),
                 storage=self.storage,
                 bucket=self.bucket,
                 expires_in=self.url_ttl,

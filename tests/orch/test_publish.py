@@ -223,3 +223,33 @@ async def test_credentials_are_checked_both_ways(
     code, _, err = await sidecar(run_env, "run", "--", "true")
     assert code == 78
     assert "service-role" in err
+
+
+async def test_rest_path_gives_the_same_snapshot_as_the_database_path(
+    db: Db, project: str, pg_cluster: PostgresCluster
+) -> None:
+    """Without DATABASE_URL, publish reads through PostgREST (the gateway) with the service
+    key; the snapshot is byte for byte the database path's (same snapshot_id and sha256, one
+    upload between the two)."""
+    from sidecar.testing.gateway import Gateway
+
+    await write_files(db, project, FILES)
+    await write_files(db, project, {"a.txt": b"second version\n"})
+    async with Gateway(pg_cluster.dsn("authenticator")) as gateway:
+        service = gateway.make_token(None, role="service_role")
+        async with SnapshotServer(buckets=[BUCKET], jwt_secret=gateway.jwt_secret) as storage:
+            rest_env = orch_env(
+                pg_cluster,
+                storage,
+                SUPABASE_URL=gateway.url,
+                SIDECAR_STORAGE_URL=storage.base_url,
+                SUPABASE_SERVICE_ROLE_KEY=service,
+            )
+            rest_env.pop("DATABASE_URL")
+            via_rest = await publish(rest_env, project)
+            via_db = await publish(orch_env(pg_cluster, storage), project)
+            assert via_rest["snapshot_id"] == via_db["snapshot_id"]
+            assert via_rest["sha256"] == via_db["sha256"]
+            assert via_rest["seq"] == 2
+            assert [u.status for u in storage.uploads] == ["200"]
+            assert {c[0] for c in gateway.calls} >= {"project_snapshot", "get_project_file"}
