@@ -217,9 +217,12 @@ class Sidecar:
         health.snapshot_id = _str_or_none(c.state.meta("snapshot_id"))
         c.live.mark_hydrated(manifest)
         await c.live.wait_idle()  # the child starts once the buffer is on disk
-        tg.create_task(c.local.run(), name="localsync")
         await self._after_hydrate(c)
         tg.create_task(self._child_then_stop(c), name="child")
+        # Local changes start right after the child (tasks run in creation order): the child
+        # does not wait for the watcher's imports, and the watcher's initial scan still sees
+        # anything the child wrote before it was watching.
+        tg.create_task(c.local.run(), name="localsync")
         tg.create_task(c.hooks.run(), name="hooks")
         health.state = "syncing"
         log.info(

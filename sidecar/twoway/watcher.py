@@ -25,16 +25,18 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import structlog
-import watchfiles
 
 from sidecar.config import TwoWaySettings
 from sidecar.tree import fsio
 from sidecar.tree.paths import STATE_DIR_NAME
 from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import FileState, StateStore
+
+if TYPE_CHECKING:  # imported when watching starts: the child need not wait for it
+    import watchfiles
 
 __all__ = [
     "EDITOR_TEMP_PATTERNS",
@@ -327,6 +329,8 @@ class Watcher:
         self, queue: asyncio.Queue[set[str] | BaseException], stop: asyncio.Event
     ) -> None:
         try:
+            import watchfiles  # here, not at the top: see the TYPE_CHECKING import
+
             async for raw in watchfiles.awatch(
                 self.project_dir,
                 watch_filter=self.accepts,
