@@ -235,12 +235,14 @@ class Upstream:
             {"project_uuid": self.project_id, "p_reason": reason, "p_last_seq": last_seq},
         )
 
-    async def catch_up(self, after_seq: int, until_seq: int) -> list[tuple[str, dict[str, Any]]]:
+    async def catch_up(
+        self, after_seq: int, until_seq: int, *, page_rows: int = 1000
+    ) -> list[tuple[str, dict[str, Any]]]:
         """The logged events after `after_seq`, paged, up to at least `until_seq` when the log
         has them (the engine's CatchUpFn): (event, payload) pairs in seq order."""
         out: list[tuple[str, dict[str, Any]]] = []
         while after_seq < until_seq:
-            page = await self.events_since(after_seq)
+            page = await self.events_since(after_seq, max_rows=page_rows)
             if not page:
                 break
             out += [(row.event, row.payload) for row in page]

@@ -213,3 +213,25 @@ async def test_binary_through_the_gateway(gateway: Gateway, project_id: str) -> 
         head = await up.get("blob.bin")
         assert head is not None
         assert head.content == data
+
+
+async def test_catch_up_pages_through_the_event_log(gateway: Gateway, project_id: str) -> None:
+    """The sidecar's catch-up reads project_events_since page by page until the gap is
+    covered, and stops at the end of the log."""
+    token = gateway.make_token(project_id)
+    async with upstream(gateway, project_id, token) as up:
+        for i in range(12):
+            await up.upsert(f"f{i % 4}", f"v{i}".encode(), None)
+        rows = await up.catch_up(3, 9, page_rows=4)
+        seqs = [p["seq"] for _, p in rows]
+        assert seqs[:6] == [4, 5, 6, 7, 8, 9]  # whole pages: may run past the gap
+        assert seqs == list(range(4, 4 + len(seqs)))
+        assert len(seqs) == 8
+        everything = await up.catch_up(0, 10**6, page_rows=5)
+        assert [p["seq"] for _, p in everything] == list(range(1, 13))
+        assert all(e == "file:update" for e, _ in everything)
+        other = upstream(gateway, str(uuid.uuid4()), token)
+        async with other:
+            with pytest.raises(UpstreamError) as info:
+                await other.catch_up(0, 5)
+            assert info.value.status == 403
