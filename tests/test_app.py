@@ -166,6 +166,7 @@ async def test_build_uses_null_objects_for_disabled_features(tmp_path: Path) -> 
         assert isinstance(on.live.subscription, Subscription)
         assert on.live.engine.link is on.live.subscription
         assert isinstance(on.local, LocalChanges)
+        assert on.applier is not None
         assert on.applier.before_publish is not None
         assert isinstance(on.hooks, OnChangeHooks)
         assert isinstance(on.child, Supervisor)

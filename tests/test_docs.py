@@ -58,3 +58,17 @@ def test_readme_and_live_docstring_hold_the_same_delta_rules() -> None:
     from_module = _numbered_list(sidecar.live.__doc__ or "")
     assert len(from_module) == 8
     assert from_readme[:8] == from_module
+
+
+def test_every_python_script_is_linted_and_type_checked() -> None:
+    """scripts/check names each extensionless Python script (ruff and mypy only see them so)."""
+    check = (ROOT / "scripts" / "check").read_text()
+    python = [
+        p.name
+        for p in (ROOT / "scripts").iterdir()
+        if p.is_file()
+        and not p.suffix
+        and p.read_text(errors="replace").startswith("#!/usr/bin/env python")
+    ]
+    assert python
+    assert [name for name in python if f"scripts/{name}\n" not in check] == []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import ast
+import re
 from pathlib import Path
 
 import sidecar
@@ -10,31 +10,31 @@ from sidecar import errors
 from sidecar.errors import ChildStartError, ExitCode, HookFailedError, SidecarError
 
 PACKAGE = Path(sidecar.__file__).parent
+CLASS = re.compile(r"^class (\w+)\(([^)]*)\):", re.MULTILINE)
 
 
 def _error_classes_outside_errors() -> dict[str, str]:
     """Classes deriving (by name, transitively) from an errors.py class, defined elsewhere."""
-    tree_names = {
+    known = {
         name
         for name, obj in vars(errors).items()
         if isinstance(obj, type) and issubclass(obj, SidecarError)
     }
+    classes: list[tuple[str, set[str], str]] = []  # (name, base names, file) parsed once
+    for path in PACKAGE.rglob("*.py"):
+        if path == PACKAGE / "errors.py":
+            continue
+        for name, bases in CLASS.findall(path.read_text()):
+            names = {b.strip().rpartition(".")[2] for b in bases.split(",")}
+            classes.append((name, names, str(path.relative_to(PACKAGE))))
     found: dict[str, str] = {}
     grew = True
     while grew:
         grew = False
-        for path in PACKAGE.rglob("*.py"):
-            if path.name == "errors.py" and path.parent == PACKAGE:
-                continue
-            for node in ast.walk(ast.parse(path.read_text())):
-                if not isinstance(node, ast.ClassDef) or node.name in found:
-                    continue
-                bases = {
-                    b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases
-                }
-                if bases & (tree_names | set(found)):
-                    found[node.name] = str(path.relative_to(PACKAGE))
-                    grew = True
+        for name, bases, where in classes:
+            if name not in found and bases & (known | set(found)):
+                found[name] = where
+                grew = True
     return found
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import structlog
 
 from sidecar.log import configure_logging
@@ -32,7 +33,7 @@ def test_registered_literal_secrets_are_removed() -> None:
     assert "plainsecretvalue42" not in redact("the key is plainsecretvalue42")
 
 
-def test_log_lines_never_carry_tokens(capsys) -> None:
+def test_log_lines_never_carry_tokens(capsys: pytest.CaptureFixture[str]) -> None:
     """A rendered JSON log line with a token and a signed URL shows neither."""
     configure_logging("json", project_id="p", session_id="s")
     structlog.get_logger().info("x.y", url="https://h/o?token=QQQ", err=ValueError(JWT))
@@ -43,7 +44,7 @@ def test_log_lines_never_carry_tokens(capsys) -> None:
     assert JWT not in json.dumps(line)
 
 
-def test_redacting_twice_changes_nothing(capsys) -> None:
+def test_redacting_twice_changes_nothing(capsys: pytest.CaptureFixture[str]) -> None:
     """An already redacted URL passes through the log pipeline (which redacts each field and then
     the rendered line) unchanged, and a secret placed after a redaction marker is still removed."""
     url = "https://h/storage/v1/object/sign/b/p.tar.zst?token=SECRET123"

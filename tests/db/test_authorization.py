@@ -67,7 +67,7 @@ async def test_rpc_matrix(db: Db, project: str, who: str) -> None:
         p_file_path="seed",
         p_content="seed",
     )
-    reads = {
+    reads: dict[str, dict[str, object]] = {
         "get_project_file": {"p_file_path": "seed"},
         "list_current_files": {},
         "project_snapshot": {},
@@ -79,7 +79,7 @@ async def test_rpc_matrix(db: Db, project: str, who: str) -> None:
         assert status == want_read, (fn, body)
         if status != 200:
             assert body["code"] == "42501"
-    writes = {
+    writes: dict[str, dict[str, object]] = {
         "upsert_project_file": {"p_file_path": "w", "p_content": f"by {who}"},
         "delete_project_file": {"p_file_path": "seed"},
         "bulk_upsert_project_files": {"files": [{"file_path": "b", "content": who}]},

@@ -50,9 +50,11 @@ async def subscribe(
 ) -> tuple[Any, list[tuple[RealtimeSubscribeStates, Exception | None]], list[dict[str, Any]]]:
     await c.set_auth(token)
     states: list[tuple[RealtimeSubscribeStates, Exception | None]] = []
-    got: list[dict[str, Any]] = []
-    cfg = {"broadcast": {"ack": False, "self": False, **(broadcast or {})}, "private": True}
-    ch = c.channel(topic, {"config": cfg})
+    got: list[Any] = []
+    params: Any = {  # realtime-py's TypedDicts do not admit a plain dict literal
+        "config": {"broadcast": {"ack": False, "self": False, **(broadcast or {})}, "private": True}
+    }
+    ch = c.channel(topic, params)
     ch.on_broadcast("*", got.append)
     await ch.subscribe(lambda state, err: states.append((state, err)))
     async with asyncio.timeout(10):

@@ -20,8 +20,9 @@ def test_demo_runs_the_whole_loop(tmp_path: Path, database: str) -> None:
     in-memory table."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     if database == "postgres":
-        if unavailable_reason() is not None:
-            pytest.skip(unavailable_reason())
+        reason = unavailable_reason()
+        if reason is not None:
+            pytest.skip(reason)
     else:
         env["SIDECAR_PG_BINDIR"] = str(tmp_path / "no-postgres")
     proc = subprocess.run(

@@ -260,11 +260,11 @@ async def test_snapshot_of_the_table(rpc: RpcServer, tmp_path: Path) -> None:
     }
 
 
-async def test_editor_bulk_broadcasts_one_unit(tmp_path) -> None:
+async def test_editor_bulk_broadcasts_one_unit(tmp_path: Path) -> None:
     """A bulk save updates and deletes rows together and broadcasts one bulk:apply."""
     from sidecar.testing.rpc_server import RpcServer
 
-    seen: list[tuple[str, str, dict]] = []
+    seen: list[tuple[str, str, dict[str, Any]]] = []
     async with RpcServer() as rpc:
         rpc.add_listener(lambda topic, event, payload: seen.append((topic, event, payload)))
         await rpc.editor_upsert("p", "gone.txt", b"x")
