@@ -21,8 +21,10 @@ The delta rules, the same for live, replayed and buffered events. Code and tests
    and subscription is lost.
 5. `seq`, where the producer sends it, is gap-free per project. A jump means events were missed:
    the sidecar rejoins with replay since its last applied event; if replay (at most 25
-   messages) cannot fill the gap, it asks for a fresh snapshot (`snapshot:request`) and
-   re-converges on the `snapshot:ready` answer.
+   messages) cannot fill the gap, it reads the missing events from the database's event log
+   (`rpc/project_events_since`, paged, with its own token; needs `SUPABASE_URL`), which also
+   has the events `realtime.send` failed to store; only if that fails too does it ask for a
+   fresh snapshot (`snapshot:request`) and re-converge on the `snapshot:ready` answer.
 6. Bulk changes are staged whole and then published; a bulk that fails a check changes nothing.
 7. Rule 1 holds for snapshots too: publishing a snapshot never takes a path back to an older
    version than the one already applied, and never resurrects a path whose tombstone is newer.
