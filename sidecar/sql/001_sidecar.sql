@@ -36,9 +36,9 @@
 -- concurrent writer fails with 40001. Lock order is always project row, then file rows.
 --
 -- Large content: an event carries the body inline (content / content_b64) only when the
--- encoded body (text bytes, or base64 characters) is at most sidecar.inline_max() = 196608
--- bytes (192 KiB), which keeps a message under Supabase's 256 KB free-plan limit and
--- realtime-py's 1 MiB frame. Above it the entry has file_path, version, content_hash and size
+-- body as it appears in the message's JSON (the escaped text, or the base64 characters) is at
+-- most sidecar.inline_max() = 196608 bytes (192 KiB), which keeps a message under Supabase's
+-- 256 KB free-plan limit and realtime-py's 1 MiB frame. Above it the entry has file_path, version, content_hash and size
 -- but no content field; the subscriber fetches the bytes with get_project_file. In a
 -- bulk:apply the budget is shared by all entries (in path order).
 
@@ -135,6 +135,12 @@ create policy "sidecar: project token reads its files" on public.project_files
 
 create or replace function sidecar.inline_max() returns int
 language sql immutable set search_path = '' as $$ select 196608 $$;
+
+-- What a body costs in the message: its JSON string (escapes count: a file of newlines
+-- doubles), which is what Realtime measures against its payload limit.
+create or replace function sidecar.inline_cost(p_content text) returns bigint
+language sql immutable set search_path = '' as $$
+  select octet_length(to_jsonb(p_content)::text)::bigint $$;
 
 create or replace function sidecar.ms(t timestamptz) returns bigint
 language sql immutable set search_path = '' as $$
@@ -321,7 +327,7 @@ create or replace function sidecar.update_entry(v_row public.project_files, p_bu
 returns jsonb language sql immutable set search_path = '' as $$
   select jsonb_build_object('file_path', v_row.file_path, 'version', v_row.version,
                             'content_hash', v_row.content_hash, 'size', v_row.size)
-         || case when octet_length(v_row.content) > least(p_budget, sidecar.inline_max())
+         || case when sidecar.inline_cost(v_row.content) > least(p_budget, sidecar.inline_max())
                    then '{}'::jsonb
                  when v_row.file_type = 'binary'
                    then jsonb_build_object('content_b64', v_row.content)
@@ -531,7 +537,7 @@ begin
     v_updated := v_updated || v_path;
     v_item := sidecar.update_entry(v_new, v_budget);
     if v_item ? 'content' or v_item ? 'content_b64' then
-      v_budget := v_budget - octet_length(v_new.content);
+      v_budget := v_budget - sidecar.inline_cost(v_new.content);
     end if;
     v_events := v_events || (jsonb_build_object('action', 'update') || v_item);
     v_answers := v_answers || jsonb_build_object('file_path', v_path, 'action', 'update',

@@ -313,15 +313,17 @@ async def test_bulk_is_all_or_nothing_with_one_seq(db: Db, project: str) -> None
 async def test_large_content_travels_without_a_body(db: Db, project: str) -> None:
     t = token(project)
     inline_max = 192 * 1024
-    small = "a" * inline_max
-    big = "b" * (inline_max + 1)
-    for path, content in (("small", small), ("big", big)):
+    small = "a" * (inline_max - 2)  # + the JSON string's quotes
+    big = "b" * (inline_max - 1)
+    escaped = "\n" * (inline_max // 2)  # half the limit in bytes, twice that escaped in JSON
+    for path, content in (("small", small), ("big", big), ("escaped", escaped)):
         await db.call(
             "upsert_project_file", t, project_uuid=project, p_file_path=path, p_content=content
         )
-    (_, small_ev, _), (_, big_ev, _) = await messages(db, project)
+    (_, small_ev, _), (_, big_ev, _), (_, escaped_ev, _) = await messages(db, project)
     assert small_ev["content"] == small
     assert not {"content", "content_b64", "content_url"} & set(big_ev)
+    assert "content" not in escaped_ev
     assert (big_ev["size"], big_ev["content_hash"]) == (len(big), sha(big.encode()))
     _, got = await db.call("get_project_file", t, project_uuid=project, p_file_path="big")
     assert got["content"] == big
