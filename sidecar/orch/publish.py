@@ -17,6 +17,7 @@ import hashlib
 import os
 import tempfile
 import time
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -50,7 +51,7 @@ _READS = 5
 class Built:
     """A snapshot written to `path`."""
 
-    path: Path
+    path: Path | None  # None: not written, its sha256 and size came from `known`
     manifest: Manifest
     sha256: str
     size: int
@@ -67,6 +68,7 @@ class Published:
     uploaded: bool
     size: int
     files: int
+    built: bool = True  # False: the bytes were known (`known`), only signed
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -104,12 +106,23 @@ def database_reader(dsn: str) -> Reader:
     return lambda project_id: read_project(dsn, project_id)
 
 
-def build_from_database(read: Reader, project_id: str, out_dir: Path, *, level: int = 3) -> Built:
+def build_from_database(
+    read: Reader,
+    project_id: str,
+    out_dir: Path,
+    *,
+    level: int = 3,
+    known: Mapping[str, tuple[str, int]] | None = None,
+) -> Built:
     """Read the project and write its snapshot into a new file under out_dir (blocking); a
-    read that saw the project change (the REST path) is done again, a few times at most."""
+    read that saw the project change (the REST path) is done again, a few times at most.
+
+    `known` maps snapshot_ids already built to (sha256, size): such a snapshot is not written
+    again (the bytes are deterministic), so only the metadata is read.
+    """
     for attempt in range(_READS):
         try:
-            return _build_once(read, project_id, out_dir, level)
+            return _build_once(read, project_id, out_dir, level, known or {})
         except ProjectChangedError as exc:
             log.info("snapshot.project_changed", project=project_id, path=str(exc), read=attempt)
     raise SnapshotUnavailableError(
@@ -117,10 +130,19 @@ def build_from_database(read: Reader, project_id: str, out_dir: Path, *, level: 
     )
 
 
-def _build_once(read: Reader, project_id: str, out_dir: Path, level: int) -> Built:
+def _build_once(
+    read: Reader,
+    project_id: str,
+    out_dir: Path,
+    level: int,
+    known: Mapping[str, tuple[str, int]],
+) -> Built:
     with read(project_id) as (state, open_file):
         snapshot_id = snapshot_id_for(project_id, state.created_at, state.files, state.seq)
         manifest = Manifest(project_id, snapshot_id, state.created_at, state.files, state.seq)
+        if snapshot_id in known:
+            sha256, size = known[snapshot_id]
+            return Built(None, manifest, sha256, size)
         fd, name = tempfile.mkstemp(prefix=".publish-", suffix=".tar.zst", dir=out_dir)
         path = Path(name)
         try:
@@ -142,29 +164,48 @@ async def publish(
     expires_in: int,
     work_dir: Path | None = None,
     level: int = 3,
+    known: MutableMapping[str, tuple[str, int]] | None = None,
 ) -> Published:
-    """Build, upload unless already there, and sign the project's snapshot."""
+    """Build, upload unless already there, and sign the project's snapshot.
+
+    `known` (snapshot_id -> (sha256, size)) is a cache a long-running caller keeps: an
+    unchanged project then costs a metadata read and a sign, no build.
+    """
     started = time.monotonic()
     out_dir = work_dir or Path(tempfile.gettempdir())
-    built = await asyncio.to_thread(build_from_database, read, project_id, out_dir, level=level)
+
+    async def build(cache: Mapping[str, tuple[str, int]] | None) -> Built:
+        return await asyncio.to_thread(
+            build_from_database, read, project_id, out_dir, level=level, known=cache
+        )
+
+    built = await build(known)
+    uploaded = False
     try:
-        manifest = built.manifest
-        path = object_path(project_id, manifest.snapshot_id)
-        uploaded = False
+        path = object_path(project_id, built.manifest.snapshot_id)
         try:
             url = await _retrying("sign", lambda: storage.sign(bucket, path, expires_in))
         except StorageError as exc:
             if not exc.not_found:
                 raise
+            if built.path is None:  # known, but the object is gone (deleted): build it again
+                built = await build(None)
+                path = object_path(project_id, built.manifest.snapshot_id)
+            file = built.path
+            assert file is not None
             try:
-                await _retrying("upload", lambda: storage.upload(bucket, path, built.path))
+                await _retrying("upload", lambda: storage.upload(bucket, path, file))
                 uploaded = True
             except StorageError as dup:
                 if not dup.duplicate:  # a concurrent publisher stored the same bytes
                     raise
             url = await _retrying("sign", lambda: storage.sign(bucket, path, expires_in))
     finally:
-        built.path.unlink(missing_ok=True)
+        if built.path is not None:
+            built.path.unlink(missing_ok=True)
+    manifest = built.manifest
+    if known is not None:
+        known[manifest.snapshot_id] = (built.sha256, built.size)
     seq = manifest.seq if manifest.seq is not None else 0
     log.info(
         "snapshot.published",
@@ -174,10 +215,18 @@ async def publish(
         files=len(manifest.files),
         bytes=built.size,
         uploaded=uploaded,
+        built=built.path is not None,
         seconds=round(time.monotonic() - started, 3),
     )
     return Published(
-        url, built.sha256, manifest.snapshot_id, seq, uploaded, built.size, len(manifest.files)
+        url,
+        built.sha256,
+        manifest.snapshot_id,
+        seq,
+        uploaded,
+        built.size,
+        len(manifest.files),
+        built=built.path is not None,
     )
 
 

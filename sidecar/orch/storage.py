@@ -35,6 +35,8 @@ class StorageError(SidecarError):
     def __init__(self, action: str, key: str, status: str, error: str, message: str) -> None:
         self.status = status
         self.error = error
+        if status in {"401", "403"} or error in {"InvalidJWT", "InvalidSignature", "Unauthorized"}:
+            self.exit_code = ExitCode.CONFIG  # the key is wrong or lacks the right: not transient
         super().__init__(f"storage {action} of {key} failed: {status} {error}: {message}")
 
     @property

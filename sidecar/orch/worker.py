@@ -44,6 +44,7 @@ __all__ = ["CHANNEL", "SnapshotWorker", "WorkerMetrics"]
 log = structlog.get_logger(component="snapshot_worker")
 
 CHANNEL = "sidecar_snapshot_requests"
+_KNOWN_MAX = 10_000
 
 _CANDIDATES = """
 select r.project_id::text from sidecar.snapshot_requests r
@@ -118,6 +119,9 @@ class SnapshotWorker:
     metrics: WorkerMetrics = field(init=False)
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _backoff: dict[str, tuple[float, int]] = field(init=False, default_factory=dict)
+    # snapshot_id -> (sha256, size) of what this worker built: an unchanged project is signed
+    # again without a rebuild. Bounded: cleared when it grows past _KNOWN_MAX entries.
+    _known: dict[str, tuple[str, int]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.metrics = WorkerMetrics(self.worker_id)
@@ -222,6 +226,7 @@ class SnapshotWorker:
                 expires_in=self.url_ttl,
                 work_dir=self.work_dir,
                 level=self.level,
+                known=self._known,
             )
         except Exception as exc:  # noqa: BLE001 - recorded on the rows, retried after a backoff
             reason = redact(f"{type(exc).__name__}: {exc}")[:500]
@@ -235,6 +240,8 @@ class SnapshotWorker:
             )
             return
         self._backoff.pop(project, None)
+        if len(self._known) > _KNOWN_MAX:
+            self._known.clear()
         payload = result.as_json() | {"timestamp": int(time.time() * 1000)}
         await conn.execute(_DONE, (result.snapshot_id, ids))
         await conn.execute(_SEND, (Jsonb(payload), project))

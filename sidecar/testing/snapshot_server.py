@@ -448,6 +448,10 @@ class SnapshotServer(LoopbackServer):
         """The keys ("<bucket>/<path>") of the objects uploaded or added, sorted."""
         return sorted(self._objects)
 
+    def delete(self, key: str) -> None:
+        """Remove an object ("<bucket>/<path>"), as a lifecycle rule or an operator would."""
+        self._objects.pop(key, None)
+
     def stored(self, key: str) -> bytes | None:
         """The bytes of an object ("<bucket>/<path>") uploaded or added, None if absent."""
         obj = self._objects.get(key)

@@ -253,3 +253,43 @@ async def test_rest_path_gives_the_same_snapshot_as_the_database_path(
             assert via_rest["seq"] == 2
             assert [u.status for u in storage.uploads] == ["200"]
             assert {c[0] for c in gateway.calls} >= {"project_snapshot", "get_project_file"}
+
+
+async def test_known_snapshots_are_signed_without_a_rebuild(
+    db: Db, project: str, pg_cluster: PostgresCluster, storage: SnapshotServer
+) -> None:
+    """The worker's cache: an unchanged project is only signed; if its object was deleted
+    meanwhile, it is built and uploaded again; a change builds a new one."""
+    import aiohttp
+
+    from sidecar.orch.publish import database_reader
+    from sidecar.orch.publish import publish as publish_project
+    from sidecar.orch.storage import StorageClient
+
+    await write_files(db, project, FILES)
+    known: dict[str, tuple[str, int]] = {}
+    async with aiohttp.ClientSession() as http:
+        client = StorageClient(storage.base_url, storage.service_role_key, http)
+
+        async def once() -> Any:
+            return await publish_project(
+                project,
+                read=database_reader(pg_cluster.url("postgres")),
+                storage=client,
+                bucket=BUCKET,
+                expires_in=60,
+                known=known,
+            )
+
+        first = await once()
+        assert (first.built, first.uploaded) == (True, True)
+        second = await once()
+        assert (second.built, second.uploaded) == (False, False)
+        assert (second.sha256, second.snapshot_id) == (first.sha256, first.snapshot_id)
+        storage.delete(f"{BUCKET}/{project}/{first.snapshot_id}.tar.zst")
+        third = await once()
+        assert (third.built, third.uploaded, third.sha256) == (True, True, first.sha256)
+        await write_files(db, project, {"more.txt": b"more\n"})
+        fourth = await once()
+        assert (fourth.built, fourth.uploaded) == (True, True)
+        assert fourth.snapshot_id != first.snapshot_id
