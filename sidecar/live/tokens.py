@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import structlog
-import watchfiles
 
 from sidecar.config import RealtimeSettings, jwt_claims
 from sidecar.errors import ConfigError
@@ -186,6 +185,8 @@ class TokenSource:
         """Watch the token file's directory forever (returns at once for a fixed token)."""
         if self.token_file is None:
             return
+        import watchfiles  # here: only a token file needs it, and the child need not wait
+
         directory = self.token_file.parent
         while True:
             self.reload()

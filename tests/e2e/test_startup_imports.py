@@ -73,3 +73,11 @@ async def test_hydrate_and_run_without_realtime_import_only_their_path(tmp_path:
         assert "sidecar.process.child" in mods
         assert "sidecar.health" in mods  # the listener was on (SIDECAR_HTTP_ADDR)
         assert _loaded(mods, (*FORBIDDEN, "aiohttp")) == []
+
+        # With Realtime (and local changes on), watchfiles still waits until the child runs.
+        env = base_env(stack, tmp_path / "live", overrides={"SIDECAR_LOCAL_CHANGES": "true"})
+        done = await _run(["run", "--", "true"], env, tmp_path / "live-run")
+        assert done.returncode == 0, done.stderr
+        mods = json.loads((tmp_path / "live-run" / "child.json").read_text())
+        assert "sidecar.twoway.localsync" in mods
+        assert _loaded(mods, ("realtime", "watchfiles")) == ["realtime"]
