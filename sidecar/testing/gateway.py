@@ -24,7 +24,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -36,6 +36,7 @@ from psycopg.pq import TransactionStatus
 
 from sidecar.testing._server import LoopbackServer, until_terminated
 from sidecar.testing.pgrst import FunctionInfo, RpcError, call_rpc
+from sidecar.testing.realtime.jwt import signing_key
 from sidecar.testing.rpc_server import RpcFaults
 
 __all__ = ["Gateway", "main"]
@@ -63,10 +64,13 @@ class Gateway(LoopbackServer):
         anon_key: str | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        jwks: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(host, port)
         self.dsn = dsn
         self.jwt_secret = jwt_secret or secrets.token_urlsafe(32)
+        # PostgREST's `jwt-secret` as a JWKS: ES256/RS256 tokens are verified by their `kid`.
+        self.jwt_jwks: Mapping[str, Any] | None = jwks
         self.anon_key = anon_key or self.make_token(None, role="anon", exp_in=10 * 365 * 86400)
         self.faults = RpcFaults()
         self.calls: list[tuple[str, int]] = []  # (function, status) for assertions
@@ -169,10 +173,14 @@ class Gateway(LoopbackServer):
         if scheme.lower() != "bearer" or not token.strip():
             raise RpcError(401, "PGRST301", "No suitable key or wrong key type")
         try:
+            header = jwt.get_unverified_header(token.strip())
+            key = signing_key(header, self.jwt_secret, self.jwt_jwks)
+            if key is None:
+                raise jwt.InvalidAlgorithmError(f"no key for alg {header.get('alg')!r}")
             claims = jwt.decode(
                 token.strip(),
-                self.jwt_secret,
-                algorithms=["HS256"],
+                key,
+                algorithms=[str(header.get("alg"))],
                 leeway=_LEEWAY,
                 options={"verify_aud": False},
             )
@@ -286,6 +294,7 @@ async def _serve(args: argparse.Namespace) -> None:
         anon_key=args.anon_key,
         host=args.host,
         port=args.port,
+        jwks=json.loads(args.jwks) if args.jwks else None,
     )
     async with gateway:
         log.info("gateway.listening", url=gateway.url)
@@ -300,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--jwt-secret", default=None)
     p.add_argument("--anon-key", default=None)
+    p.add_argument("--jwks", default=None, help='public keys for ES256 tokens: {"keys": [...]}')
     asyncio.run(_serve(p.parse_args(argv)))
 
 

@@ -15,16 +15,21 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sidecar.orch.token import SigningKey, mint_token
+from sidecar.orch.token import mint_token, signing_key_from_env
 from sidecar.testing.gateway import Gateway
 from sidecar.testing.postgres import PostgresCluster
+
+from .test_token import es256_keys
 
 pytestmark = pytest.mark.pg
 
 
+JWK, JWKS = es256_keys()
+
+
 @pytest.fixture
 async def gateway(pg_cluster: PostgresCluster) -> AsyncIterator[Gateway]:
-    async with Gateway(pg_cluster.dsn("authenticator")) as gw:
+    async with Gateway(pg_cluster.dsn("authenticator"), jwks=JWKS) as gw:
         yield gw
 
 
@@ -38,7 +43,7 @@ async def rpc(gateway: Gateway, token: str, fn: str, **args: Any) -> tuple[int, 
         return r.status, (json.loads(raw) if raw else None)
 
 
-async def mint_cli(secret: str, *args: str) -> str:
+async def mint_cli(key: dict[str, str], *args: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPABASE_")}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -47,7 +52,7 @@ async def mint_cli(secret: str, *args: str) -> str:
         "token",
         "mint",
         *args,
-        env=env | {"SUPABASE_JWT_SECRET": secret},
+        env=env | key,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -56,11 +61,18 @@ async def mint_cli(secret: str, *args: str) -> str:
     return out.decode().strip()
 
 
-async def test_minted_token_through_the_gateway(gateway: Gateway) -> None:
+@pytest.mark.parametrize("alg", ["HS256", "ES256"])
+async def test_minted_token_through_the_gateway(gateway: Gateway, alg: str) -> None:
+    """HS256 with the legacy secret, ES256 with a signing key the gateway has in its JWKS."""
+    key = (
+        {"SUPABASE_JWT_SECRET": gateway.jwt_secret}
+        if alg == "HS256"
+        else {"SUPABASE_JWT_SIGNING_KEY": json.dumps(JWK)}
+    )
     mine, other = str(uuid.uuid4()), str(uuid.uuid4())
     for pid in (mine, other):
         await gateway.register_project(pid)
-    token = await mint_cli(gateway.jwt_secret, "--project", mine, "--session", "s-1")
+    token = await mint_cli(key, "--project", mine, "--session", "s-1")
     status, body = await rpc(
         gateway,
         token,
@@ -76,9 +88,7 @@ async def test_minted_token_through_the_gateway(gateway: Gateway) -> None:
     status, body = await rpc(gateway, token, "list_current_files", project_uuid=other)
     assert (status, body["code"]) == (403, "42501")
 
-    read_only = await mint_cli(
-        gateway.jwt_secret, "--project", mine, "--session", "s-2", "--read-only"
-    )
+    read_only = await mint_cli(key, "--project", mine, "--session", "s-2", "--read-only")
     status, body = await rpc(
         gateway,
         read_only,
@@ -91,7 +101,7 @@ async def test_minted_token_through_the_gateway(gateway: Gateway) -> None:
     assert (await rpc(gateway, read_only, "list_current_files", project_uuid=mine))[0] == 200
 
     expired = mint_token(
-        SigningKey("HS256", gateway.jwt_secret),
+        signing_key_from_env(key),
         project_id=mine,
         session_id="s",
         ttl=60,
