@@ -24,7 +24,13 @@ from sidecar.config import Settings
 from sidecar.health import HealthState
 from sidecar.metrics import Metrics
 from sidecar.process.child import ChildProcess, Reaper, Supervisor, build_child_env
-from sidecar.process.identity import ChildUser, hand_over, hand_over_paths, resolve_child_user
+from sidecar.process.identity import (
+    ChildUser,
+    hand_over,
+    hand_over_paths,
+    protect_token_file,
+    resolve_child_user,
+)
 from sidecar.snapshot.hydrate import hydrate
 from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import StateStore
@@ -272,6 +278,9 @@ def build(
 
         assert http is not None, "the app opens the HTTP session when REALTIME_URL is set"
         tokens = TokenSource.from_settings(settings.realtime)
+        token_file = settings.realtime.token_file
+        if child_user is not None and token_file is not None:
+            tokens.after_reload = lambda: protect_token_file(token_file)
         engine: SyncEngine  # bound below; the subscription only calls it once running
 
         def deliver(event: str, payload: dict[str, Any], meta: dict[str, Any] | None) -> None:

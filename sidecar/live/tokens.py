@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -77,6 +78,7 @@ class TokenSource:
         self._version = 0
         self._event = asyncio.Event()
         self._received_at = time.time()
+        self.after_reload: Callable[[], None] | None = None  # e.g. keep the file 0600
         self.refused = 0  # rotations to a service_role token, refused (the current one kept)
         self.last_refusal: str | None = None  # for /status
         self._refused_print: str | None = None
@@ -151,6 +153,8 @@ class TokenSource:
         new = self._read_file()
         if not new or new == self._token:
             return False
+        if self.after_reload is not None:
+            self.after_reload()
         if jwt_claims(new).get("role") == "service_role":
             self._refuse(new)
             return False

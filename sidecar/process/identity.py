@@ -30,6 +30,7 @@ __all__ = [
     "hand_over_paths",
     "make_non_dumpable",
     "protect_private_files",
+    "protect_token_file",
     "resolve_child_user",
 ]
 
@@ -142,8 +143,13 @@ def protect_private_files(state_dir: Path, token_file: Path | None) -> None:
     """
     with contextlib.suppress(OSError):
         state_dir.chmod(0o700)
-    if token_file is None:
-        return
+    if token_file is not None:
+        protect_token_file(token_file)
+
+
+def protect_token_file(token_file: Path) -> None:
+    """0600 and our own: at start and after every rotation (a rotated file comes with the
+    writer's mode; the orchestrator should write it 0600 in the first place)."""
     try:
         st = token_file.stat()
         if st.st_uid != os.geteuid():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.e2e_stack import Stack, running_sidecar
+from tests.e2e.e2e_stack import Stack, atomic_write, running_sidecar
 
 pytestmark = pytest.mark.e2e
 
@@ -66,3 +66,8 @@ async def test_unprivileged_child_cannot_read_the_token(tmp_path: Path) -> None:
             assert (sc.project_dir / "lib").stat().st_uid == nobody.pw_uid
             assert (sc.project_dir / "lib" / "new.js").stat().st_uid == nobody.pw_uid
             assert (sc.project_dir / ".sidecar").stat().st_mode & 0o077 == 0
+            # A rotated token file (written 0644 by the orchestrator here) is made private too.
+            atomic_write(token_file, stack.token(session_id="rotated"))
+            await sc.wait(
+                lambda: token_file.stat().st_mode & 0o077 == 0, "rotated token file made private"
+            )
