@@ -200,3 +200,44 @@ async def test_silently_failed_broadcast_is_caught_up(stack: PgStack, tmp_path: 
         await sc.wait_log("sync.caught_up")
         assert await sc.metric("sidecar_resyncs_total") == 0
         assert await snapshot_requests(stack) == 0
+
+
+async def test_write_in_flight_during_the_snapshot_is_replayed(
+    stack: PgStack, tmp_path: Path
+) -> None:
+    """Replay compares `since` with realtime.messages.inserted_at, the writing transaction's
+    START. A write that started before the snapshot was read and committed after it (so it is
+    not in the snapshot) and before the sidecar subscribed has an inserted_at before the
+    snapshot's created_at: the sidecar's first join replays from well before created_at, so it
+    is not lost (and rule 1 drops what the snapshot already had)."""
+    import asyncio
+    import json
+
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(stack.cluster.dsn("authenticator")) as w:
+        async with w.transaction():
+            claims = {"role": "authenticated", "project_id": stack.project, "session_id": "slow"}
+            await w.execute(
+                "select set_config('role', 'authenticated', true),"
+                " set_config('request.jwt.claims', %s, true)",
+                (json.dumps(claims),),
+            )
+            await asyncio.sleep(0.3)  # the transaction started well before the snapshot
+            await w.execute(
+                "select public.upsert_project_file(%s, 'inflight.txt', 'committed late')",
+                (stack.project,),
+            )
+            await stack.publish_snapshot()  # does not see the uncommitted write
+            created_at = (await stack.service("project_snapshot"))["created_at"]
+        # Committed now, before any sidecar subscribed: nobody gets it live.
+    assert "inflight.txt" in await stack.files()
+    async with running_sidecar(
+        stack,  # type: ignore[arg-type]
+        tmp_path,
+        token=stack.token(),
+    ) as sc:
+        await sc.wait_file("inflight.txt", b"committed late", timeout=20)
+        [join] = stack.rt.frames_in("phx_join")
+        assert join["payload"]["config"]["broadcast"]["replay"]["since"] < created_at - 1000
+        assert await sc.metric("sidecar_resyncs_total") == 0
