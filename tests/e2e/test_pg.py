@@ -4,9 +4,12 @@ database (realtime.send) and delivered from committed realtime.messages rows."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from sidecar.testing.pgstack import PgStack
@@ -128,8 +131,6 @@ async def test_large_files_travel_without_a_body_and_are_fetched(
 
 
 async def snapshot_requests(stack: PgStack) -> int:
-    import psycopg
-
     async with await psycopg.AsyncConnection.connect(stack.cluster.dsn("supabase_admin")) as c:
         row = await (
             await c.execute(
@@ -170,7 +171,6 @@ async def test_silently_failed_broadcast_is_caught_up(stack: PgStack, tmp_path: 
     """realtime.send swallows its failures: with today's partition gone the write commits, its
     event is logged but never stored for Realtime, neither live nor in replay. The sidecar
     still gets it from the event log."""
-    import psycopg
 
     async with running_sidecar(
         stack,  # type: ignore[arg-type]
@@ -210,27 +210,24 @@ async def test_write_in_flight_during_the_snapshot_is_replayed(
     not in the snapshot) and before the sidecar subscribed has an inserted_at before the
     snapshot's created_at: the sidecar's first join replays from well before created_at, so it
     is not lost (and rule 1 drops what the snapshot already had)."""
-    import asyncio
-    import json
-
-    import psycopg
-
-    async with await psycopg.AsyncConnection.connect(stack.cluster.dsn("authenticator")) as w:
-        async with w.transaction():
-            claims = {"role": "authenticated", "project_id": stack.project, "session_id": "slow"}
-            await w.execute(
-                "select set_config('role', 'authenticated', true),"
-                " set_config('request.jwt.claims', %s, true)",
-                (json.dumps(claims),),
-            )
-            await asyncio.sleep(0.3)  # the transaction started well before the snapshot
-            await w.execute(
-                "select public.upsert_project_file(%s, 'inflight.txt', 'committed late')",
-                (stack.project,),
-            )
-            await stack.publish_snapshot()  # does not see the uncommitted write
-            created_at = (await stack.service("project_snapshot"))["created_at"]
-        # Committed now, before any sidecar subscribed: nobody gets it live.
+    async with (
+        await psycopg.AsyncConnection.connect(stack.cluster.dsn("authenticator")) as w,
+        w.transaction(),
+    ):
+        claims = {"role": "authenticated", "project_id": stack.project, "session_id": "slow"}
+        await w.execute(
+            "select set_config('role', 'authenticated', true),"
+            " set_config('request.jwt.claims', %s, true)",
+            (json.dumps(claims),),
+        )
+        await asyncio.sleep(0.3)  # the transaction started well before the snapshot
+        await w.execute(
+            "select public.upsert_project_file(%s, 'inflight.txt', 'committed late')",
+            (stack.project,),
+        )
+        await stack.publish_snapshot()  # does not see the uncommitted write
+        created_at = (await stack.service("project_snapshot"))["created_at"]
+    # Committed now, before any sidecar subscribed: nobody gets it live.
     assert "inflight.txt" in await stack.files()
     async with running_sidecar(
         stack,  # type: ignore[arg-type]
