@@ -121,8 +121,7 @@ alter table sidecar.snapshot_requests enable row level security;
 
 -- Reads of the table itself (an editor listing files with supabase-js) follow the same rule as
 -- the RPCs; writes go through the RPCs only, so no API role may write the table directly.
-revoke insert, update, delete, truncate on public.project_files from anon, authenticated;
-revoke all on public.project_files from anon;
+revoke all on public.project_files, public.project_files_current from anon, authenticated;
 grant select on public.project_files, public.project_files_current to authenticated, service_role;
 drop policy if exists "sidecar: project token reads its files" on public.project_files;
 create policy "sidecar: project token reads its files" on public.project_files
@@ -619,8 +618,9 @@ begin
   return v_snapshot;
 end $$;
 
--- The logged events after after_seq, in seq order, at most max_rows (1..1000) of them: the
--- page a subscriber reads to fill a gap that broadcast replay (25 rows, 3 days) cannot.
+-- The logged events after after_seq, in seq order, at most max_rows (1..1000) of them and about
+-- 8 MiB of payload (at least one event): the page a subscriber reads to fill a gap that
+-- broadcast replay (25 rows, 3 days) cannot. The caller pages on from the last seq it got.
 create or replace function public.project_events_since(project_uuid uuid, after_seq bigint,
                                                        max_rows int default 1000)
 returns table (seq bigint, event text, payload jsonb, created_at timestamptz)
@@ -629,11 +629,16 @@ language plpgsql stable security definer set search_path = '' set timezone to 'U
 begin
   perform sidecar.authorize(project_uuid, false);
   return query
-    select e.seq, e.event, e.payload, e.created_at
-      from sidecar.events e
-     where e.project_id = project_uuid and e.seq > coalesce(after_seq, 0)
-     order by e.seq
-     limit greatest(1, least(coalesce(max_rows, 1000), 1000));
+    select page.seq, page.event, page.payload, page.created_at
+      from (select e.seq, e.event, e.payload, e.created_at,
+                   sum(octet_length(e.payload::text)) over (order by e.seq)
+                     - octet_length(e.payload::text) as before_bytes
+              from sidecar.events e
+             where e.project_id = project_uuid and e.seq > coalesce(after_seq, 0)
+             order by e.seq
+             limit greatest(1, least(coalesce(max_rows, 1000), 1000))) page
+     where page.before_bytes < 8388608
+     order by page.seq;
 end $$;
 
 -- A container's report of a change it saw (file:local-change) or a conflict it resolved

@@ -484,3 +484,25 @@ async def test_get_project_file_by_version(db: Db, project: str) -> None:
     assert got[3] is None
     _, head = await db.call("get_project_file", t, project_uuid=project, p_file_path="f")
     assert (head["version"], head["deleted"]) == (3, True)
+
+
+async def test_events_since_pages_are_bounded_in_bytes(db: Db, project: str) -> None:
+    """A page holds at most about 8 MiB of payload (always at least one event), so catching up
+    over large events does not load them all at once."""
+    t = token(project)
+    body = "z" * 190_000  # inline: each event is about 190 KB
+    for i in range(60):
+        await db.call(
+            "upsert_project_file",
+            t,
+            project_uuid=project,
+            p_file_path=f"f{i}",
+            p_content=body + str(i),
+        )
+    _, page = await db.call("project_events_since", t, project_uuid=project, after_seq=0)
+    assert 40 <= len(page) <= 45  # 8 MiB / 190 KB
+    assert [r["seq"] for r in page] == list(range(1, len(page) + 1))
+    _, rest = await db.call(
+        "project_events_since", t, project_uuid=project, after_seq=page[-1]["seq"]
+    )
+    assert [r["seq"] for r in rest] == list(range(len(page) + 1, 61))
