@@ -70,6 +70,12 @@ def add_parsers(sub: Any, snap_sub: Any) -> None:
         metavar="HOST:PORT",
         help="serve /healthz and /metrics (default: SIDECAR_WORKER_HTTP_ADDR, else off)",
     )
+    worker.add_argument(
+        "--failure-backoff",
+        type=float,
+        default=5.0,
+        help="first wait before a failed project is tried again, doubling to 300 s (default 5)",
+    )
     worker.add_argument("--level", type=int, default=3, help="zstd level (default 3)")
     worker.add_argument("--work-dir", type=Path, default=None)
 
@@ -120,6 +126,8 @@ async def _worker(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = OrchestratorEnv.from_env(env, need_database=True)
     if not 0.05 <= args.sweep_interval <= 3600:
         raise ConfigError(f"--sweep-interval must be 0.05..3600 s, got {args.sweep_interval}")
+    if not 0.01 <= args.failure_backoff <= 300:
+        raise ConfigError(f"--failure-backoff must be 0.01..300 s, got {args.failure_backoff}")
     addr = args.http_addr or env.get("SIDECAR_WORKER_HTTP_ADDR", "").strip() or None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -132,6 +140,7 @@ async def _worker(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             settings.bucket,
             settings.url_ttl,
             sweep_interval=args.sweep_interval,
+            failure_backoff=args.failure_backoff,
             work_dir=args.work_dir,
             level=args.level,
         )
@@ -151,7 +160,8 @@ async def _worker(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
             await web.TCPSite(runner, host or "0.0.0.0", int(port)).start()
-            log.info("worker.http", addr=addr)
+            bound = runner.addresses[0]
+            log.info("worker.http", worker=worker.worker_id, host=bound[0], port=bound[1])
         try:
             await worker.run(stop)
         finally:

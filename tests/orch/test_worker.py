@@ -52,7 +52,7 @@ class Workers:
         self.log_dir = log_dir
         self.procs: list[asyncio.subprocess.Process] = []
 
-    async def start(self) -> asyncio.subprocess.Process:
+    async def start(self, *args: str) -> asyncio.subprocess.Process:
         log = (self.log_dir / f"worker-{len(self.procs)}.log").open("wb")
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -62,6 +62,9 @@ class Workers:
             "worker",
             "--sweep-interval",
             "0.3",
+            "--http-addr",
+            "127.0.0.1:0",
+            *args,
             env=self.env,
             stdout=log,
             stderr=log,
@@ -69,6 +72,25 @@ class Workers:
         log.close()
         self.procs.append(proc)
         return proc
+
+    async def metric(self, proc: asyncio.subprocess.Process, name: str) -> float:
+        """The sum of a metric's samples on the worker's /metrics."""
+        import json
+
+        import aiohttp
+
+        lines = [json.loads(x) for x in self.logs().splitlines() if '"worker.http"' in x]
+        port = next(x["port"] for x in lines if x["worker"].endswith(f":{proc.pid}"))
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/metrics") as resp,
+        ):
+            text = await resp.text()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name) and not line.startswith("#")
+        )
 
     def logs(self) -> str:
         return "\n".join(p.read_text() for p in sorted(self.log_dir.glob("worker-*.log")))
@@ -144,8 +166,7 @@ async def test_burst_is_coalesced_per_project_with_two_workers(
     projects = [await new_project(db, n) for n in (3, 5, 8)]
     sessions = [(f"sess-{i}", projects[i % 3]) for i in range(5)]
     storage.upload_gate = asyncio.Event()  # publishes wait in the upload until the burst is in
-    await workers.start()
-    await workers.start()
+    procs = [await workers.start(), await workers.start()]
 
     async def sidecar(session: str, project: str) -> None:
         claims = {"role": "authenticated", "project_id": project, "session_id": session}
@@ -183,6 +204,43 @@ async def test_burst_is_coalesced_per_project_with_two_workers(
         assert all(r[0] == ready[0]["snapshot_id"] and r[2] is None for r in rows), rows
     assert sorted(u.status for u in storage.uploads) == ["200", "200", "200"]
     assert "token=" not in workers.logs()
+    ok = [await workers.metric(p, 'sidecar_worker_publishes_total{outcome="ok"}') for p in procs]
+    assert sum(ok) == 3
+    answered = [await workers.metric(p, "sidecar_worker_requests_answered_total") for p in procs]
+    rows = await db.sql(
+        "select count(*) from sidecar.snapshot_requests where project_id::text = any(%s)",
+        projects,
+    )
+    assert sum(answered) == rows[0][0]
+
+
+async def test_a_failed_publish_is_recorded_and_retried(
+    db: Db, pg_cluster: PostgresCluster, storage: SnapshotServer, workers: Workers
+) -> None:
+    """Storage refuses (no such bucket): the error is on the request, which stays open, and
+    counted; once the bucket exists, a later sweep answers it."""
+    project = await new_project(db, 2)
+    storage.buckets.discard(BUCKET)
+    proc = await workers.start("--failure-backoff", "0.2")
+    claims = {"role": "authenticated", "project_id": project, "session_id": "s-1"}
+    assert (await db.call("request_snapshot", claims, project_uuid=project))[0] == 200
+
+    async def recorded() -> bool:
+        rows = await db.sql(
+            "select error, done_at from sidecar.snapshot_requests where project_id = %s", project
+        )
+        return bool(rows and rows[0][0])
+
+    await until(recorded, "the error on the request")
+    ((error, done_at),) = await db.sql(
+        "select error, done_at from sidecar.snapshot_requests where project_id = %s", project
+    )
+    assert "Bucket not found" in error
+    assert done_at is None
+    assert await workers.metric(proc, 'sidecar_worker_publishes_total{outcome="error"}') >= 1
+    storage.buckets.add(BUCKET)
+    await until(lambda: _zero(open_requests(db, [project])), "the retried request answered")
+    assert len(await ready_messages(db, project)) == 1
 
 
 async def _now(value: bool) -> bool:
