@@ -17,7 +17,7 @@ import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from sidecar.errors import ConfigError
@@ -39,6 +39,7 @@ __all__ = [
 WriteMode = Literal["atomic", "inplace"]
 ConflictPolicy = Literal["remote-wins", "local-wins", "merge"]
 LogFormat = Literal["json", "console"]
+_N = TypeVar("_N", int, float)
 
 _FORBIDDEN_ENV = ("SUPABASE_SERVICE_ROLE_KEY", "SERVICE_ROLE_KEY", "SUPABASE_SECRET_KEY")
 _SB_SECRET = re.compile(r"^sb_secret_")
@@ -203,24 +204,21 @@ def _path(raw: str) -> Path:
     return Path(raw)
 
 
-def _integer(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"must be an integer, got {raw!r}") from None
-    if value < 0:
-        raise ValueError("must not be negative")
-    return value
+def _non_negative(number: Callable[[str], _N], what: str) -> Callable[[str], _N]:
+    def parse(raw: str) -> _N:
+        try:
+            value = number(raw)
+        except ValueError:
+            raise ValueError(f"must be {what}, got {raw!r}") from None
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+
+    return parse
 
 
-def _seconds(raw: str) -> float:
-    try:
-        value = float(raw.removesuffix("s"))
-    except ValueError:
-        raise ValueError(f"must be a number of seconds, got {raw!r}") from None
-    if value < 0:
-        raise ValueError("must not be negative")
-    return value
+_integer = _non_negative(int, "an integer")
+_seconds = _non_negative(lambda raw: float(raw.removesuffix("s")), "a number of seconds")
 
 
 def _size(raw: str) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -253,110 +253,15 @@ def build(
     reaper = Reaper()
     env = build_child_env(os.environ)
     child = _child(settings, cmd, env, reaper, metrics)
-    hooks: OnChangeHooks | NoHooks = NoHooks()
-    if settings.process.on_change:
-        from sidecar.process.hooks import OnChangeHooks
-
-        hooks = OnChangeHooks(
-            settings.process.on_change,
-            settings.project_dir,
-            env,
-            on_restart=child.restart,
-            reaper=reaper,
-            stop_grace=settings.process.stop_grace,
-        )
+    hooks = _hooks(settings, env, child, reaper)
     live: Live | NoLive = NoLive()
     local: LocalChanges | NoLocalChanges = NoLocalChanges()
     applier: Applier | None = None
     if not settings.realtime.url:
         log.warning("sidecar.sync_disabled", reason="REALTIME_URL is not set")
     else:
-        # Only with a channel (see the TYPE_CHECKING block above).
-        from sidecar.live.engine import SyncEngine, SyncTuning
-        from sidecar.live.subscription import Subscription, SubscriptionTuning
-        from sidecar.live.tokens import TokenSource
-
         assert http is not None, "the app opens the HTTP session when REALTIME_URL is set"
-        tokens = TokenSource.from_settings(settings.realtime)
-        token_file = settings.realtime.token_file
-        if child_user is not None and token_file is not None:
-            tokens.after_reload = lambda: protect_token_file(token_file)
-        engine: SyncEngine  # bound below; the subscription only calls it once running
-
-        def deliver(event: str, payload: dict[str, Any], meta: dict[str, Any] | None) -> None:
-            engine.on_message(event, payload, meta)
-
-        sub = Subscription(
-            settings.realtime,
-            metrics,
-            deliver,
-            tokens=tokens,
-            replay_since_ms=tree.created_at,
-            tuning=SubscriptionTuning(auth_fail_window=settings.realtime.auth_fail_window),
-        )
-        # The container never writes on the channel: with SUPABASE_URL its reports and
-        # snapshot requests go through RPCs (the database re-broadcasts them), so a token that
-        # cannot write on the channel is enough for two-way sync.
-        reporter = _reporter(settings, tokens, http)
-        send = reporter.send if reporter is not None else sub.send
-        link: ChannelLink = sub if reporter is None else _RpcLink(sub, reporter)
-        local_sync: LocalSync | None = None
-        if settings.twoway.local_changes:
-            # The Applier calls back into LocalSync while it holds the tree's lock.
-            async def before_publish(changes: Sequence[FileChange]) -> None:
-                assert local_sync is not None
-                await local_sync.before_publish(changes)
-
-            from sidecar.twoway.localsync import LocalSync
-
-            applier = _applier(
-                tree,
-                metrics,
-                http,
-                write_mode=settings.write_mode,
-                before_publish=before_publish,
-                bodies=reporter,
-            )
-            local_sync = LocalSync.from_settings(
-                settings,
-                tree,
-                metrics,
-                send=send,
-                upstream=_upstream(settings, tokens, http),
-            )
-            local = LocalChanges(local_sync, settings.twoway.ignore)
-        else:
-            applier = _applier(
-                tree,
-                metrics,
-                http,
-                write_mode=settings.write_mode,
-                before_publish=None,
-                bodies=reporter,
-            )
-
-        async def resync(url: str, sha256: str | None) -> Manifest:
-            manifest = await hydrate(settings, tree, metrics, url=url, sha256=sha256, session=http)
-            await hand_over_tree(settings, child_user)
-            return manifest
-
-        def on_applied(paths: list[str]) -> None:
-            if child_user is not None:
-                hand_over_paths(settings.project_dir, child_user, paths)
-            hooks.notify(paths)
-
-        engine = SyncEngine(
-            applier,
-            metrics,
-            link=link,
-            resync=resync,
-            session_id=settings.session_id,
-            on_applied=on_applied,
-            tuning=SyncTuning(request_wait=settings.snapshot.request_wait),
-            accept_client_events=settings.twoway.accept_client_events,
-            catch_up=None if reporter is None else reporter.catch_up,
-        )
-        live = Live(tokens, sub, engine)
+        live, local, applier = _live(settings, tree, metrics, http, hooks, child_user)
 
     def refresh() -> None:
         _refresh_status(health, state, live, local, child)
@@ -381,6 +286,117 @@ def build(
     )
 
 
+def _hooks(
+    settings: Settings, env: dict[str, str], child: Supervisor | NoChild, reaper: Reaper
+) -> OnChangeHooks | NoHooks:
+    """SIDECAR_ON_CHANGE's hooks; the "restart" action restarts the child."""
+    if not settings.process.on_change:
+        return NoHooks()
+    from sidecar.process.hooks import OnChangeHooks
+
+    return OnChangeHooks(
+        settings.process.on_change,
+        settings.project_dir,
+        env,
+        on_restart=child.restart,
+        reaper=reaper,
+        stop_grace=settings.process.stop_grace,
+    )
+
+
+def _live(
+    settings: Settings,
+    tree: ProjectTree,
+    metrics: Metrics,
+    http: aiohttp.ClientSession,
+    hooks: OnChangeHooks | NoHooks,
+    child_user: ChildUser | None,
+) -> tuple[Live, LocalChanges | NoLocalChanges, Applier]:
+    """The Realtime side (tokens, subscription, engine, Applier) and, when on, LocalSync."""
+    # Only with a channel (see the TYPE_CHECKING block above).
+    from sidecar.live.engine import SyncEngine, SyncTuning
+    from sidecar.live.subscription import Subscription, SubscriptionTuning
+    from sidecar.live.tokens import TokenSource
+
+    local: LocalChanges | NoLocalChanges = NoLocalChanges()
+    tokens = TokenSource.from_settings(settings.realtime)
+    token_file = settings.realtime.token_file
+    if child_user is not None and token_file is not None:
+        tokens.after_reload = lambda: protect_token_file(token_file)
+    engine: SyncEngine  # bound below; the subscription only calls it once running
+
+    def deliver(event: str, payload: dict[str, Any], meta: dict[str, Any] | None) -> None:
+        engine.on_message(event, payload, meta)
+
+    sub = Subscription(
+        settings.realtime,
+        metrics,
+        deliver,
+        tokens=tokens,
+        replay_since_ms=tree.created_at,
+        tuning=SubscriptionTuning(auth_fail_window=settings.realtime.auth_fail_window),
+    )
+    # The container never writes on the channel: with SUPABASE_URL its reports and
+    # snapshot requests go through RPCs (the database re-broadcasts them), so a token that
+    # cannot write on the channel is enough for two-way sync.
+    reporter = _reporter(settings, tokens, http)
+    send = reporter.send if reporter is not None else sub.send
+    link: ChannelLink = sub if reporter is None else _RpcLink(sub, reporter)
+    local_sync: LocalSync | None = None
+    before_publish: Callable[[Sequence[FileChange]], Awaitable[None]] | None = None
+    if settings.twoway.local_changes:
+        # The Applier calls back into LocalSync (bound below) while it holds the tree's lock.
+        async def ask_local_sync(changes: Sequence[FileChange]) -> None:
+            assert local_sync is not None
+            await local_sync.before_publish(changes)
+
+        before_publish = ask_local_sync
+    applier = _applier(
+        tree,
+        metrics,
+        http,
+        write_mode=settings.write_mode,
+        before_publish=before_publish,
+        bodies=reporter,
+    )
+    if settings.twoway.local_changes:
+        from sidecar.twoway.localsync import LocalSync
+
+        local_sync = LocalSync.from_settings(
+            settings,
+            tree,
+            metrics,
+            send=send,
+            # Pushes go through the same RPC client as the reports.
+            upstream=reporter if settings.twoway.upstream == "rpc" else None,
+        )
+        local = LocalChanges(local_sync, settings.twoway.ignore)
+
+    async def resync(url: str, sha256: str | None) -> Manifest:
+        manifest = await hydrate(settings, tree, metrics, url=url, sha256=sha256, session=http)
+        await hand_over_tree(settings, child_user)
+        return manifest
+
+    def on_applied(paths: list[str]) -> None:
+        if child_user is not None:
+            hand_over_paths(settings.project_dir, child_user, paths)
+        hooks.notify(paths)
+
+    engine = SyncEngine(
+        applier,
+        metrics,
+        link=link,
+        resync=resync,
+        session_id=settings.session_id,
+        on_applied=on_applied,
+        tuning=SyncTuning(request_wait=settings.snapshot.request_wait),
+        accept_client_events=settings.twoway.accept_client_events,
+        catch_up=None if reporter is None else reporter.catch_up,
+    )
+    live = Live(tokens, sub, engine)
+    return live, local, applier
+
+
 async def hand_over_tree(settings: Settings, user: ChildUser | None) -> None:
     """Give the child's user the published tree (it writes node_modules, caches, edits)."""
     if user is not None:
@@ -394,7 +410,7 @@ def _applier(
     http: aiohttp.ClientSession,
     *,
     write_mode: WriteMode,
-    before_publish: Any,
+    before_publish: Callable[[Sequence[FileChange]], Awaitable[None]] | None,
     bodies: Upstream | None = None,
 ) -> Applier:
     from sidecar.live.apply import Applier
@@ -442,22 +458,6 @@ class _RpcLink:
 
     def set_replay_since(self, ms: int, *, rejoin: bool = False) -> None:
         self.sub.set_replay_since(ms, rejoin=rejoin)
-
-
-def _upstream(
-    settings: Settings, tokens: TokenSource, http: aiohttp.ClientSession
-) -> Upstream | None:
-    if settings.twoway.upstream != "rpc" or not settings.twoway.supabase_url:
-        return None
-    from sidecar.twoway.upstream import Upstream
-
-    return Upstream(
-        settings.twoway.supabase_url,
-        settings.project_id,
-        apikey=settings.realtime.apikey or "",
-        token=lambda: tokens.current,
-        session=http,
-    )
 
 
 def _child(

@@ -389,10 +389,16 @@ class Broker:
             )
         return row_id
 
-    def _rest_claims(self, token: str | None) -> dict[str, Any] | TokenFailure | None:
-        if token is None:
-            return None
-        return self.verify_token(token)
+    def _rest_gate(self, token: str | None) -> tuple[dict[str, Any] | None, tuple[int, Any] | None]:
+        """What every REST broadcast checks first: (the claims, or None when `token` is None
+        and auth is bypassed; the (status, body) refusal, or None)."""
+        self.counters.rest_requests += 1
+        claims = None if token is None else self.verify_token(token)
+        if isinstance(claims, TokenFailure):
+            return None, (401, {"message": "Unauthorized"})
+        if self._events_triggered():
+            return claims, (429, {"message": "You have exceeded your rate limit"})
+        return claims, None
 
     def verify_token(self, token: str) -> dict[str, Any] | TokenFailure:
         """`verify()` with this server's secret, JWKS and claim validators."""
@@ -419,12 +425,9 @@ class Broker:
         self, messages: Sequence[Any], *, token: str | None = None
     ) -> tuple[int, Any]:
         """`POST /api/broadcast`: (status, JSON body or None); token None = bypass auth and RLS."""
-        self.counters.rest_requests += 1
-        claims = self._rest_claims(token)
-        if isinstance(claims, TokenFailure):
-            return 401, {"message": "Unauthorized"}
-        if self._events_triggered():
-            return 429, {"message": "You have exceeded your rate limit"}
+        claims, refusal = self._rest_gate(token)
+        if refusal is not None:
+            return refusal
         if not isinstance(messages, list | tuple) or not messages:
             return 422, {"errors": {"messages": ["can't be blank"]}}
         errors: list[dict[str, list[str]]] = []
@@ -466,12 +469,9 @@ class Broker:
         self, topic: str, event: str, body: Any, private: bool = False, *, token: str | None = None
     ) -> tuple[int, Any]:
         """`POST /api/broadcast/:topic/events/:event`: (status, JSON body or None)."""
-        self.counters.rest_requests += 1
-        claims = self._rest_claims(token)
-        if isinstance(claims, TokenFailure):
-            return 401, {"message": "Unauthorized"}
-        if self._events_triggered():
-            return 429, {"message": "You have exceeded your rate limit"}
+        claims, refusal = self._rest_gate(token)
+        if refusal is not None:
+            return refusal
         binary = isinstance(body, bytes | bytearray)
         if not binary and not isinstance(body, dict):
             body = {"_json": body}
