@@ -209,7 +209,8 @@ async def test_write_in_flight_during_the_snapshot_is_replayed(
     START. A write that started before the snapshot was read and committed after it (so it is
     not in the snapshot) and before the sidecar subscribed has an inserted_at before the
     snapshot's created_at: the sidecar's first join replays from well before created_at, so it
-    is not lost (and rule 1 drops what the snapshot already had)."""
+    is not lost (and delta rule 1, sidecar/live/__init__.py, drops what the snapshot already
+    had)."""
     async with (
         await psycopg.AsyncConnection.connect(stack.cluster.dsn("authenticator")) as w,
         w.transaction(),
