@@ -429,14 +429,20 @@ class SyncEngine:
             self.last_seq = min(self._held) - 1
             self._guessed_baseline = True
         expected = None if self.last_seq is None else self.last_seq + 1
+        if expected is not None:
+            # Events stalled by an environment fault wait in _ready: what follows them is
+            # contiguous too, not a gap to recover.
+            top = max((i.ev.seq for i in self._ready if i.ev.seq is not None), default=None)
+            if top is not None and top >= expected:
+                expected = top + 1
         while expected is not None and expected in self._held:
             self._ready.append(self._held.pop(expected))
             expected += 1
 
     async def _apply_ready(self) -> None:
+        self._take_contiguous()
         if self._fault is not None and time.monotonic() < self._fault.retry_at:
             return  # an environment fault: wait for the retry (run() wakes up for it)
-        self._take_contiguous()
         while self._ready:
             ready, self._ready = self._ready, []
             items = self._coalesce(ready)

@@ -177,9 +177,17 @@ async def test_full_disk_in_run_keeps_the_child_and_converges_when_space_is_back
                 assert status["last_seq"] < stack.rpc.seq(stack.project), status
                 assert status["child"]["pid"] == child
                 assert await sc.metric("sidecar_events_total", outcome="environment_fault") >= 1
+                # Held behind the stalled event, not mistaken for a gap (no snapshot asked for).
+                await stack.rpc.editor_upsert(stack.project, "src/third.js", b"third\n")
+                await sc.wait(
+                    lambda: sc.metric("sidecar_events_total", outcome="environment_fault"),
+                    "a retry",
+                )
                 ballast.unlink()
                 freed = time.monotonic()
                 await sc.wait_tree(stack.files, timeout=15)
+                assert not sc.events("sync.gap_detected")
+                assert stack.producer.requests == []
                 assert time.monotonic() - freed < 10
                 await sc.wait_ready(10)
                 assert (await sc.status())["last_seq"] == stack.rpc.seq(stack.project)
