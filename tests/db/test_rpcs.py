@@ -506,3 +506,29 @@ async def test_events_since_pages_are_bounded_in_bytes(db: Db, project: str) -> 
         "project_events_since", t, project_uuid=project, after_seq=page[-1]["seq"]
     )
     assert [r["seq"] for r in rest] == list(range(len(page) + 1, 61))
+
+
+async def test_sender_is_session_then_sub_and_null_for_the_service_role(
+    db: Db, project: str
+) -> None:
+    sub = str(uuid.uuid4())
+    callers = [
+        {"role": "authenticated", "project_id": project, "session_id": "box", "sub": sub},
+        {"role": "authenticated", "project_id": project, "sub": sub},
+        SERVICE,
+    ]
+    for i, claims in enumerate(callers):
+        await db.call(
+            "upsert_project_file",
+            claims,
+            project_uuid=project,
+            p_file_path=f"s{i}",
+            p_content="x",
+        )
+    assert [p["sender"] for _, p, _ in await messages(db, project)] == ["box", sub, None]
+    rows = await db.sql(
+        "select created_by, last_modified_by from public.project_files where project_id = %s"
+        " order by file_path",
+        project,
+    )
+    assert rows == [("box", "box"), (sub, sub), ("service_role", "service_role")]
