@@ -212,3 +212,26 @@ async def test_full_disk_in_run_keeps_the_child_and_converges_when_space_is_back
                 await sc.wait_ready(10)
                 assert (await sc.status())["child"]["pid"] == child
             assert not list((disk / "sidecar-project").rglob("*.sidecar-tmp-*"))
+
+
+async def test_filesystem_turning_read_only_in_run_is_retried(tmp_path: Path) -> None:
+    """PROJECT_DIR turned read-only under a running sidecar (a read-only bind mount over it:
+    a remount is refused while the state database is open): a delta stalls (read_only fault,
+    /readyz 503 with the reason), the child keeps running, and once it is writable again the
+    tree converges within seconds."""
+    async with (
+        Stack() as stack,
+        running_sidecar(stack, tmp_path, cmd=["sleep", "600"]) as sc,
+    ):
+        with readonly_bind(sc.project_dir):
+            await stack.rpc.editor_upsert(stack.project, "src/app.js", b"v2\n")
+            fault = await sc.wait_log("sync.environment_fault")
+            assert fault["kind"] == "read_only", fault
+            code, doc = await sc.readyz()
+            assert code == 503, doc
+            assert any("read-only" in r for r in doc["reasons"]), doc
+        freed = time.monotonic()
+        await sc.wait_tree(stack.files, timeout=15)
+        assert time.monotonic() - freed < 10
+        await sc.wait_ready(10)
+        assert sc.proc.returncode is None
