@@ -924,6 +924,12 @@ class SnapshotWriter:
             if k != "d" and snapshot_keeps(state.get(p), self._files[p].version, snap_seq)
         }
         written = unchanged = removed = removed_dirs = 0
+        # Write-ahead: the state knows every directory this publish may create before it creates
+        # one, so that a publish killed half-way leaves none that a later one cannot remove.
+        recorded = state.meta(META_DIRS)
+        known = {d for d in recorded if isinstance(d, str)} if isinstance(recorded, list) else set()
+        if not known.issuperset(new_dirs):
+            state.update(meta={META_DIRS: sorted(known.union(new_dirs))})
         if not kept and self._project_is_empty():
             # Fresh project: moving the top-level entries moves the whole tree.
             for entry in sorted(self.staging_dir.iterdir()):

@@ -463,3 +463,33 @@ def test_stale_empty_directories_are_removed_also_after_a_restart(
     extract(project, Snap(files={"src/a.js": b"a3"}, snapshot_id="snap-3").zst(), state)
     assert sorted(p for p, v in tree(project).items() if v[0] == "d") == ["keep", "src"]
     state.close()
+
+
+def test_directories_of_an_interrupted_publish_are_removed_by_the_next_one(
+    tmp_path: Path, project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publish that dies after creating its directories (before the state records its tree)
+    has already recorded them: the next publish, after a restart, removes those it lacks."""
+    state = StateStore(project / ".sidecar")
+    extract(project, Snap(files={"a/x.txt": b"x"}).zst(), state)
+    v2 = Snap(files={"a/x.txt": b"x2", "b/y.txt": b"y"}, snapshot_id="snap-2", version=2)
+    deep_empty = member("d/", typeflag=b"5") + member("d/e/", typeflag=b"5")
+
+    def killed(src: Path, dst: Path) -> None:
+        raise OSError(5, "simulated crash in the middle of publishing")
+
+    monkeypatch.setattr("sidecar.snapshot.extract._move", killed)
+    with pytest.raises(OSError, match="simulated crash"):
+        extract(project, zst(v2.manifest_member() + v2.members() + deep_empty + EOA), state)
+    monkeypatch.undo()
+    assert (project / "b").is_dir()
+    assert (project / "d" / "e").is_dir()
+    assert state.meta("snapshot_id") == "snap-1"  # the tree was not recorded
+    state.close()
+
+    state = StateStore(project / ".sidecar")  # the restart
+    v3 = Snap(files={"a/x.txt": b"x3"}, snapshot_id="snap-3", version=3)
+    extract(project, v3.zst(), state)
+    assert sorted(p for p, v in tree(project).items() if v[0] == "d") == ["a"]
+    assert state.meta("snapshot_dirs") == ["a"]
+    state.close()
