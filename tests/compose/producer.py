@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import zstandard
 
-SIDECAR_UID = 10001
+SIDECAR_UID = 0  # the sidecar runs as root; its child (app, 10001) must not read the token
 
 
 def log(msg: str) -> None:
