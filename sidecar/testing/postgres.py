@@ -103,6 +103,7 @@ class PostgresCluster:
     pid: int
     host: str = "127.0.0.1"
     _stopped: bool = field(default=False, repr=False)
+    _watchdog: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def datadir(self) -> Path:
@@ -140,6 +141,9 @@ class PostgresCluster:
                     break
                 time.sleep(0.02)
         shutil.rmtree(self.root, ignore_errors=True)
+        if self._watchdog is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._watchdog.wait(timeout=5)  # it exits once the postmaster is gone
 
     def __enter__(self) -> Self:
         return self
@@ -191,6 +195,7 @@ def start_cluster(
         shutil.rmtree(root, ignore_errors=True)
         raise
     atexit.register(cluster.stop)
+    cluster._watchdog = _watchdog(cluster)
     if schema:
         try:
             cluster.execute(shim_sql(), user=SUPERUSER)
@@ -240,6 +245,43 @@ def _start(as_root: bool, bindir: Path, root: Path, port: int) -> PostgresCluste
         pid = int((root / "data" / "postmaster.pid").read_text().split("\n", 1)[0])
         return PostgresCluster(root=root, bindir=bindir, port=chosen, pid=pid)
     raise PostgresUnavailableError(f"PostgreSQL did not start in {root}: {last}")
+
+
+# A process of its own that stops the postmaster when we die without stopping it (SIGKILL, or a
+# SIGTERM from `timeout`: atexit handlers do not run then), so no cluster outlives its owner.
+_WATCHDOG = """
+import os, shutil, signal, sys, time
+owner, pid, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+def alive(p):
+    try:
+        os.kill(p, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+while os.getppid() == owner and alive(pid):
+    time.sleep(0.5)
+if alive(pid):
+    os.kill(pid, signal.SIGINT)
+    deadline = time.monotonic() + 30
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(root, ignore_errors=True)
+"""
+
+
+def _watchdog(cluster: PostgresCluster) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(cluster.pid), str(cluster.root)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # a Ctrl-C to our process group is ours to handle, not its
+        cwd="/",
+    )
 
 
 def _run(as_root: bool, exe: Path, *args: str) -> None:
