@@ -74,9 +74,15 @@ def resolve_child_user(spec: str | None, *, euid: int | None = None) -> ChildUse
         ConfigError: an explicit SIDECAR_CHILD_USER that does not exist.
     """
     euid = os.geteuid() if euid is None else euid
-    if euid != 0:
-        return None
     explicit = spec is not None and spec.strip() != ""
+    if euid != 0:
+        if explicit:
+            log.warning(
+                "sidecar.child_user_ignored",
+                user=spec,
+                reason="not started as root: the child runs as the sidecar's own user",
+            )
+        return None
     name = spec.strip() if spec is not None and explicit else DEFAULT_CHILD_USER
     uid_s, _, gid_s = name.partition(":")
     try:
