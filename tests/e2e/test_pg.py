@@ -239,3 +239,25 @@ async def test_write_in_flight_during_the_snapshot_is_replayed(
         [join] = stack.rt.frames_in("phx_join")
         assert join["payload"]["config"]["broadcast"]["replay"]["since"] < created_at - 1000
         assert await sc.metric("sidecar_resyncs_total") == 0
+
+
+async def test_edits_while_disconnected_are_replayed_from_the_table(
+    stack: PgStack, tmp_path: Path
+) -> None:
+    """Edits committed while the sidecar cannot reach Realtime are stored in
+    realtime.messages; the rejoin's replay (the real query on the table) brings them, without
+    the event log or a snapshot."""
+    async with running_sidecar(stack, tmp_path, token=stack.token()) as sc:  # type: ignore[arg-type]
+        rt = stack.rt
+        rt.refuse_connects(503)
+        rt.abort()
+        await sc.wait(lambda: not rt.channels(stack.topic), "sidecar channel gone")
+        for i in range(5):
+            await stack.editor_upsert(f"offline/{i}.txt", f"edited while offline {i}\n".encode())
+        refused = rt.counters.refused
+        await sc.wait(lambda: rt.counters.refused > refused, "a refused reconnect after the edits")
+        rt.accept_connects()
+        want = await stack.files()
+        await sc.wait_tree(lambda: want, timeout=30)
+        assert await sc.metric("sidecar_resyncs_total") == 0
+        assert not sc.events("sync.caught_up")  # no SUPABASE_URL: replay alone did it
