@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from sidecar.config import SnapshotSettings
@@ -337,3 +338,37 @@ async def test_a_sink_error_is_not_retried(
             fetch, snapshot_server.url_for("s.tar.zst"), Full(), settings=fast_snapshot_settings
         )
     assert len(snapshot_server.gets()) == 1
+
+
+async def test_redirects_are_followed_and_bounded(
+    snapshot_server: SnapshotServer, fast_snapshot_settings: SnapshotSettings
+) -> None:
+    """A 302/307 to the signed URL (a CDN in front of Storage) is followed; a loop is refused."""
+    snapshot_server.add("s.tar.zst", DATA)
+    target = snapshot_server.url_for("s.tar.zst")
+
+    async def hop(request: web.Request) -> web.Response:
+        if request.path == "/loop":
+            raise web.HTTPFound("/loop")
+        raise web.HTTPTemporaryRedirect(target)
+
+    app = web.Application()
+    app.router.add_get("/{name}", hop)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        sink = MemorySink()
+        result = await download(
+            f"http://127.0.0.1:{port}/start?token=x", sink, settings=fast_snapshot_settings
+        )
+        assert bytes(sink.buf) == DATA
+        assert result.size == len(DATA)
+        with pytest.raises(SnapshotUnavailableError, match="redirects more than 5 times"):
+            await download(
+                f"http://127.0.0.1:{port}/loop", MemorySink(), settings=fast_snapshot_settings
+            )
+    finally:
+        await runner.cleanup()
