@@ -261,3 +261,45 @@ async def test_edits_while_disconnected_are_replayed_from_the_table(
         await sc.wait_tree(lambda: want, timeout=30)
         assert await sc.metric("sidecar_resyncs_total") == 0
         assert not sc.events("sync.caught_up")  # no SUPABASE_URL: replay alone did it
+
+
+async def test_replay_out_of_seq_order_is_put_back_in_order(stack: PgStack, tmp_path: Path) -> None:
+    """Replay orders by inserted_at, the transaction's start: a write that started first but
+    took the project's lock last has the higher seq and the earlier inserted_at, so replay
+    sends seq N+1 before N. The sidecar holds N+1 until N arrives and applies both in order."""
+    async with running_sidecar(stack, tmp_path, token=stack.token()) as sc:  # type: ignore[arg-type]
+        rt = stack.rt
+        rt.refuse_connects(503)
+        rt.abort()
+        await sc.wait(lambda: not rt.channels(stack.topic), "sidecar channel gone")
+        async with (
+            await psycopg.AsyncConnection.connect(stack.cluster.dsn("authenticator")) as slow,
+            slow.transaction(),
+        ):
+            claims = {"role": "authenticated", "project_id": stack.project}
+            await slow.execute(
+                "select set_config('role', 'authenticated', true),"
+                " set_config('request.jwt.claims', %s, true)",
+                (json.dumps(claims),),
+            )
+            await asyncio.sleep(0.2)
+            fast_version = await stack.editor_upsert("order.txt", b"first by seq\n")
+            await slow.execute(
+                "select public.upsert_project_file(%s, 'order.txt', 'second by seq', 'text', %s)",
+                (stack.project, fast_version),
+            )
+        rows = await stack.events()
+        assert [r["payload"]["content"] for r in rows[-2:]] == ["first by seq\n", "second by seq"]
+        rt.accept_connects()
+        await sc.wait_file("order.txt", b"second by seq", timeout=30)
+        replayed = [
+            f["payload"]["payload"]["seq"]
+            for f in rt.frames_out(event="broadcast", topic=stack.topic)
+            if f["payload"].get("meta", {}).get("replayed")
+            and f["payload"]["payload"].get("file_path") == "order.txt"
+        ]
+        assert len(replayed) == 2 and replayed[0] > replayed[1], replayed  # the inversion
+        want = await stack.files()
+        await sc.wait_tree(lambda: want)
+        assert (await sc.status())["last_seq"] == await stack.seq()
+        assert await sc.metric("sidecar_resyncs_total") == 0
