@@ -298,7 +298,8 @@ async def test_replay_out_of_seq_order_is_put_back_in_order(stack: PgStack, tmp_
             if f["payload"].get("meta", {}).get("replayed")
             and f["payload"]["payload"].get("file_path") == "order.txt"
         ]
-        assert len(replayed) == 2 and replayed[0] > replayed[1], replayed  # the inversion
+        assert len(replayed) == 2, replayed
+        assert replayed[0] > replayed[1], replayed  # the inversion happened
         want = await stack.files()
         await sc.wait_tree(lambda: want)
         assert (await sc.status())["last_seq"] == await stack.seq()
