@@ -29,6 +29,7 @@ SLOW = {
     "live/test_subscription.py::test_expired_token_then_rotation_rebuilds": "token expiry",
     "live/test_subscription.py::test_refused_token_is_fatal": "the auth-failure window",
     "live/test_subscription.py::test_stall_is_caught_by_the_supervisor_ping": "ping timeout",
+    "live/test_subscription.py::test_idle_channel_sends_at_most_one_ping_per_interval": "intervals",
     "orch/test_token.py::test_minted_token_is_scoped_to_its_project": "subprocess per key type",
     "orch/test_token.py::test_refusals_are_one_line_config_errors": "a subprocess per refusal",
     "snapshot/test_build.py::test_cli_builds_with_created_at_or_source_date_epoch_are_byte_for_byte_equal": "CLI subprocesses",
@@ -36,6 +37,7 @@ SLOW = {
     "snapshot/test_hydrate.py::test_cancellation_leaves_project_unchanged": "a trickled download",
     "snapshot/test_tarstream.py::test_agrees_with_tarfile": "hypothesis",
     "twoway/test_localsync.py::test_interleaved_edits_converge_without_losing_bytes": "hypothesis",
+    "twoway/test_merge.py::test_merge_properties": "hypothesis, 300 examples",
     "twoway/test_watcher.py::test_echo_suppression_under_a_storm": "a storm of writes",
     "twoway/test_watcher.py::test_resync_of_thousands_of_files_reports_no_local_change": "8k files",
 }

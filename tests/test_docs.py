@@ -72,3 +72,16 @@ def test_every_python_script_is_linted_and_type_checked() -> None:
     ]
     assert python
     assert [name for name in python if f"scripts/{name}\n" not in check] == []
+
+
+def test_every_slow_entry_names_an_existing_test() -> None:
+    """tests/conftest.py's SLOW list does not silently outlive a renamed or moved test."""
+    from tests.conftest import SLOW
+
+    stale = [
+        key
+        for key in SLOW
+        if f"def {key.partition('::')[2]}("
+        not in (ROOT / "tests" / key.partition("::")[0]).read_text()
+    ]
+    assert stale == []
