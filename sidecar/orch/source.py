@@ -30,7 +30,14 @@ from sidecar.errors import ConfigError, SnapshotInvalidError, SnapshotUnavailabl
 from sidecar.snapshot.build import tree_order
 from sidecar.snapshot.manifest import FileEntry
 
-__all__ = ["ProjectChangedError", "ProjectState", "Reader", "RestReader", "read_project"]
+__all__ = [
+    "ProjectChangedError",
+    "ProjectState",
+    "Reader",
+    "RestReader",
+    "database_errors",
+    "read_project",
+]
 
 _BATCH_BYTES = 8 << 20
 _BATCH_ROWS = 256
@@ -89,10 +96,12 @@ def read_project(
     """Open the consistent read: (state, open_file) where open_file(entry) is a context
     manager giving that file's bytes; call it in `tree_order`, once per file.
 
-    Raises ConfigError for an unknown project, SnapshotInvalidError for a row whose body does
-    not match its recorded hash or order.
+    Raises ConfigError for an unknown project or a role that may not read the tables,
+    SnapshotUnavailableError when the database cannot be reached, SnapshotInvalidError for a
+    row whose body does not match its recorded hash or order.
     """
     with (
+        database_errors(),
         psycopg.connect(dsn, autocommit=True, application_name="sidecar-publish") as conn,
         conn.transaction(),
     ):
@@ -113,6 +122,21 @@ def read_project(
         with conn.cursor(name="sidecar_publish_bodies", binary=True) as cur:
             cur.execute(_BODIES, (project_id,))
             yield state, _Bodies(cur, order, files).open
+
+
+@contextmanager
+def database_errors() -> Iterator[None]:
+    """psycopg's connection and privilege errors as named, one-line SidecarErrors."""
+    try:
+        yield
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise ConfigError(
+            f"DATABASE_URL's role may not read the sidecar tables ({str(exc).splitlines()[0]}); "
+            "connect as postgres (the migration's owner), never with an API role"
+        ) from None
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SnapshotUnavailableError(f"the database is unreachable: {first}") from None
 
 
 class _Bodies:

@@ -34,6 +34,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from psycopg.types.json import Jsonb
 
+from sidecar.errors import ConfigError
 from sidecar.orch.publish import database_reader, publish
 from sidecar.orch.storage import StorageClient
 from sidecar.redact import redact
@@ -136,6 +137,11 @@ class SnapshotWorker:
                 try:
                     await self._session(stop)
                     attempt = 0
+                except psycopg.errors.InsufficientPrivilege as exc:
+                    raise ConfigError(
+                        "DATABASE_URL's role may not use sidecar.snapshot_requests "
+                        f"({str(exc).splitlines()[0]}); connect as postgres"
+                    ) from None
                 except (psycopg.OperationalError, OSError) as exc:
                     attempt += 1
                     delay = backoff_delay(attempt, 0.5, 30.0, floor=0.5)

@@ -212,6 +212,15 @@ async def test_credentials_are_checked_both_ways(
     code, _, err = await sidecar(env, "snapshot", "publish", "--project", str(uuid.uuid4()))
     assert code == 78
     assert "not registered" in err.strip().splitlines()[-1]
+    # An API role's connection, or no database at all: named, one line, no traceback.
+    api_role = orch_env(pg_cluster, storage, DATABASE_URL=pg_cluster.url("authenticator"))
+    code, _, err = await sidecar(api_role, "snapshot", "publish", "--project", project)
+    assert code == 78
+    assert "DATABASE_URL's role may not read" in err.strip().splitlines()[-1]
+    down = orch_env(pg_cluster, storage, DATABASE_URL="postgresql://postgres@127.0.0.1:1/x")
+    code, _, err = await sidecar(down, "snapshot", "publish", "--project", project)
+    assert code == 69
+    assert "the database is unreachable" in err.strip().splitlines()[-1]
 
     run_env = {
         k: v for k, v in os.environ.items() if not k.startswith(("SUPABASE_", "SIDECAR_"))
