@@ -194,12 +194,12 @@ def http_status(sqlstate: str | None, *, had_jwt: bool) -> int:
         return 500
     if code == "25006":
         return 405
-    if code == "42883":
+    if code in {"42883", "42P01"}:
         return 404
     if code.startswith(("08", "53")):
         return 503
-    if code == "22023" or code.startswith("28"):
-        return 400
+    if code.startswith(("0L", "0P", "28")):
+        return 403  # invalid grantor / role specification / authorization specification
     return 400
 
 
