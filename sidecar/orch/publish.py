@@ -124,7 +124,7 @@ def build_from_database(
         try:
             return _build_once(read, project_id, out_dir, level, known or {})
         except ProjectChangedError as exc:
-            log.info("snapshot.project_changed", project=project_id, path=str(exc), read=attempt)
+            log.info("snapshot.project_changed", project_id=project_id, path=str(exc), read=attempt)
     raise SnapshotUnavailableError(
         f"project {project_id} changed during each of {_READS} reads; try again when it is quieter"
     )
@@ -209,7 +209,7 @@ async def publish(
     seq = manifest.seq if manifest.seq is not None else 0
     log.info(
         "snapshot.published",
-        project=project_id,
+        project_id=project_id,
         snapshot_id=manifest.snapshot_id,
         seq=seq,
         files=len(manifest.files),

@@ -197,7 +197,7 @@ class SnapshotWorker:
 
     async def _listen(self, conn: psycopg.AsyncConnection[Any]) -> None:
         async for note in conn.notifies():
-            log.debug("worker.notified", project=note.payload)
+            log.debug("worker.notified", project_id=note.payload)
             self._wake.set()
 
     async def drain_one(self, conn: psycopg.AsyncConnection[Any]) -> bool:
@@ -221,7 +221,7 @@ class SnapshotWorker:
         self, conn: psycopg.AsyncConnection[Any], project: str, ids: list[int]
     ) -> None:
         await conn.execute(_MARK_CLAIMED, (self.worker_id, ids))
-        log.info("worker.claimed", project=project, requests=len(ids))
+        log.info("worker.claimed", project_id=project, requests=len(ids))
         started = time.monotonic()
         try:
             result = await publish(
@@ -242,7 +242,7 @@ class SnapshotWorker:
             await conn.execute(_FAILED, (reason, ids))
             self.metrics.publishes.labels("error").inc()
             log.warning(
-                "worker.publish_failed", project=project, reason=reason, retry_in=round(delay, 2)
+                "worker.publish_failed", project_id=project, reason=reason, retry_in=round(delay, 2)
             )
             return
         self._backoff.pop(project, None)
@@ -258,7 +258,7 @@ class SnapshotWorker:
         self.metrics.publish_seconds.observe(time.monotonic() - started)
         log.info(
             "worker.answered",
-            project=project,
+            project_id=project,
             requests=len(ids),
             snapshot_id=result.snapshot_id,
             seq=result.seq,
