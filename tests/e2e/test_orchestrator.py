@@ -9,6 +9,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -135,3 +136,39 @@ async def test_publish_mint_worker_and_two_containers_converge(
         worker.send_signal(signal.SIGTERM)
         async with asyncio.timeout(15):
             assert await worker.wait() == 0
+
+
+async def test_token_mint_out_rotates_a_running_containers_token(
+    stack: PgStack, tmp_path: Path
+) -> None:
+    """The orchestrator re-mints with `--out` onto REALTIME_TOKEN_FILE before the short token's
+    exp: the sidecar pushes the new token to its channel, which outlives the old exp."""
+    import jwt
+
+    from .e2e_stack import until_wall_clock
+
+    env = orchestrator_env(stack)
+    out = await command(env, "snapshot", "publish", "--project", stack.project)
+    published = dict(line.split("=", 1) for line in out.strip().splitlines())
+    token_path = tmp_path / "secrets" / "token"
+    token_path.parent.mkdir()
+    mint = ("token", "mint", "--project", stack.project, "--session", "box-r")
+    await command(env, *mint, "--ttl", "12s", "--out", str(token_path))
+    first = token_path.read_text().strip()
+    exp = jwt.decode(first, options={"verify_signature": False})["exp"]
+    async with running_sidecar(
+        stack,  # type: ignore[arg-type]
+        tmp_path,
+        name="r",
+        token_file=token_path,
+        snapshot=(published["SNAPSHOT_URL"], published["SNAPSHOT_SHA256"]),
+    ) as sc:
+        assert time.time() < exp - 2, "the sidecar took too long to start for this scenario"
+        refreshes = stack.rt.counters.refreshes
+        await command(env, *mint, "--ttl", "15m", "--out", str(token_path))
+        assert token_path.read_text().strip() != first
+        await sc.wait(lambda: stack.rt.counters.refreshes > refreshes, "new token pushed")
+        await until_wall_clock(exp + 1.5)
+        await stack.editor_upsert("after-exp.txt", b"after the first token's exp\n")
+        await sc.wait_file("after-exp.txt", b"after the first token's exp\n")
+        await sc.wait_ready()
