@@ -113,7 +113,8 @@ class StorageClient:
         signed = body.get("signedURL") or body.get("signedUrl") if isinstance(body, dict) else None
         if not isinstance(signed, str) or not signed:
             raise StorageError("sign", f"{bucket}/{path}", "502", "BadAnswer", "no signedURL")
-        register_secret(signed)
+        # Not registered as a secret (a worker signs thousands): redact() already strips every
+        # URL's query string, which is where the signature is.
         if signed.startswith(("http://", "https://")):
             return signed
         # Storage answers a URL relative to /storage/v1, as supabase-js completes it.
