@@ -170,11 +170,13 @@ class SnapshotWorker:
             try:
                 while not stop.is_set():
                     self.metrics.wakeups.labels(cause).inc()
+                    # Cleared before draining: a notification that arrives during the drain
+                    # (for a row the drain's query could not see yet) makes the wait return.
+                    self._wake.clear()
                     while not stop.is_set() and await self.drain_one(claim):
                         pass
                     if listener.done():
                         listener.result()  # the LISTEN connection died: reconnect
-                    self._wake.clear()
                     waiters = {
                         asyncio.create_task(self._wake.wait()),
                         asyncio.ensure_future(stop.wait()),

@@ -285,3 +285,19 @@ async def test_a_worker_killed_mid_publish_leaves_the_request_to_another(
 async def _logged(workers: Workers, pid: int, event: str) -> bool:
     await asyncio.sleep(0)
     return any(event in line and f":{pid}" in line for line in workers.logs().splitlines())
+
+
+async def test_notify_wakes_the_worker_without_a_sweep(
+    db: Db, pg_cluster: PostgresCluster, storage: SnapshotServer, workers: Workers
+) -> None:
+    """With a 10-minute sweep, each request_snapshot is answered at once: its NOTIFY woke the
+    worker (counted as such), never a sweep."""
+    proc = await workers.start("--sweep-interval", "600")
+    await until(lambda: _logged(workers, proc.pid, "worker.http"), "the worker running")
+    for n in range(3):
+        project = await new_project(db, 1 + n)
+        claims = {"role": "authenticated", "project_id": project, "session_id": f"s-{n}"}
+        assert (await db.call("request_snapshot", claims, project_uuid=project))[0] == 200
+        await until(lambda p=project: _zero(open_requests(db, [p])), "answered", timeout=20)
+    assert await workers.metric(proc, 'sidecar_worker_wakeups_total{cause="notify"}') >= 3
+    assert await workers.metric(proc, 'sidecar_worker_wakeups_total{cause="sweep"}') == 0
