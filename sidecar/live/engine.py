@@ -105,6 +105,9 @@ class _Request:
     last_seq: int | None
     sent_at: float  # unix
     deadline: float  # monotonic
+    # The oldest seq the answer must include (the event that failed, the first one missing);
+    # None: any snapshot will do.
+    needs: int | None = None
 
 
 @dataclass(slots=True)
@@ -184,6 +187,7 @@ class SyncEngine:
         self._ready: list[_Item] = []
         self._inflight_since: float | None = None
         self._idle = asyncio.Event()
+        self._owed_on_start: tuple[str, int | None] | None = None
         self._guessed_baseline = False
         self._fault: _Fault | None = None
 
@@ -208,6 +212,12 @@ class SyncEngine:
             self.metrics.last_seq.set(base)
         if manifest is not None and self.link is not None:
             self.link.set_replay_since(int(manifest.created_at), rejoin=True)
+        owed = self.tree.owed_snapshot
+        if owed is not None:
+            if manifest is not None and _covers(manifest.seq, owed[1]):
+                self.tree.owe_snapshot(None)  # the snapshot just hydrated repairs it
+            else:
+                self._owed_on_start = owed  # asked again by run()
         log.info("sync.hydrated", last_seq=base, buffered=len(self._buffer))
         self.hydrated.set()
         self._idle.clear()
@@ -296,6 +306,11 @@ class SyncEngine:
                 if item is not None:
                     items.append(item)
             await self._handle(items)
+            if self._owed_on_start is not None and self.hydrated.is_set():
+                # A snapshot was owed when the last run stopped (sidecar/tree/project.py).
+                reason, needs = self._owed_on_start
+                self._owed_on_start = None
+                await self._want_snapshot(reason, needs)
             await self._advance_recovery()
 
     async def _next_batch(self) -> list[tuple[str, Any, Any, float]]:
@@ -538,7 +553,7 @@ class SyncEngine:
         if resync == "apply_failed":
             log.error("sync.apply_failed", event_name=ev.event, seq=ev.seq, error=self.last_error)
         if resync is not None:
-            await self._want_snapshot(resync)
+            await self._want_snapshot(resync, ev.seq)
         self._recovered()
         self._advance_seq(item)
         self._count(outcome)
@@ -677,7 +692,7 @@ class SyncEngine:
             gap.phase = "request"
             gap.rounds += 1
             gap.deadline = now + self.tuning.request_wait
-            await self._want_snapshot("seq_gap")
+            await self._want_snapshot("seq_gap", (self.last_seq or 0) + 1)
         elif gap.phase == "request" and now >= gap.deadline:
             gap.phase = "reorder"
             gap.deadline = now
@@ -720,14 +735,25 @@ class SyncEngine:
             base = min(i.received_at for i in self._held.values())
         return int((base - self.tuning.replay_margin) * 1000)
 
-    async def _want_snapshot(self, reason: str) -> None:
-        if self._request is not None:
+    async def _want_snapshot(self, reason: str, needs: int | None) -> None:
+        req = self._request
+        if req is not None:
+            if req.needs is not None and (needs is None or needs < req.needs):
+                req.needs = needs  # the outstanding request must now cover this one too
+                self.tree.owe_snapshot(req.reason, needs)
             return
-        await self._send_request(reason)
+        # Recorded before asking: the given-up event's seq is passed from now on, and a
+        # restart must still know that its paths wait for a snapshot.
+        self.tree.owe_snapshot(reason, needs)
+        await self._send_request(reason, needs)
 
-    async def _send_request(self, reason: str) -> None:
+    async def _send_request(self, reason: str, needs: int | None = None) -> None:
         now = time.monotonic()
-        self._request = _Request(reason, self.last_seq, time.time(), now + self.tuning.request_wait)
+        if self._request is not None:  # re-sent after a timeout: still needs the same
+            needs = self._request.needs
+        self._request = _Request(
+            reason, self.last_seq, time.time(), now + self.tuning.request_wait, needs
+        )
         payload = {"session_id": self.session_id, "reason": reason, "last_seq": self.last_seq}
         log.warning("sync.snapshot_requested", reason=reason, last_seq=self.last_seq)
         if self.link is None:
@@ -761,12 +787,17 @@ class SyncEngine:
             return
         req = self._request
         if req is not None:
-            if ev.seq is not None and req.last_seq is not None and ev.seq < req.last_seq:
+            # An answer made after the change we asked about is taken even when events newer
+            # than it were applied meanwhile: publishing keeps every path at its newest
+            # version (sidecar/tree/project.py snapshot_keeps), so nothing rolls back, and
+            # the paths it repairs are repaired. One made before it cannot help: keep asking.
+            if ev.seq is not None and req.needs is not None and ev.seq < req.needs:
                 log.info(
                     "sync.snapshot_ready_ignored",
                     snapshot_id=ev.snapshot_id,
                     seq=ev.seq,
-                    why="older than what was applied",
+                    needs=req.needs,
+                    why="older than the change it must repair",
                 )
                 return
         else:
@@ -808,6 +839,9 @@ class SyncEngine:
         self.resyncs += 1
         self.metrics.inc(self.metrics.resyncs, reason)
         self._recovered()
+        owed = self.tree.owed_snapshot
+        if owed is not None and _covers(manifest.seq, owed[1]):
+            self.tree.owe_snapshot(None)
         self._request = None
         self._gap = None
         if manifest.seq is not None and (self.last_seq is None or manifest.seq > self.last_seq):
@@ -836,3 +870,8 @@ class SyncEngine:
     def pending_paths(self) -> Sequence[str]:
         """Paths of events held past a gap (for /status diagnostics)."""
         return sorted({c.path for i in self._held.values() for c in i.ev.changes})
+
+
+def _covers(snapshot_seq: int | None, needs: int | None) -> bool:
+    """Whether a snapshot at snapshot_seq includes the change at seq `needs`."""
+    return needs is None or snapshot_seq is None or snapshot_seq >= needs

@@ -24,7 +24,9 @@ from sidecar.tree.state import FileState, StateStore
 if TYPE_CHECKING:  # prometheus_client is not needed by the one-shot `sidecar hydrate`
     from sidecar.metrics import Metrics
 
-__all__ = ["ProjectTree", "Quota", "snapshot_keeps"]
+__all__ = ["META_OWED", "ProjectTree", "Quota", "snapshot_keeps"]
+
+META_OWED = "resync.owed"  # {"reason", "needs"} while a snapshot must repair given-up events
 
 
 def snapshot_keeps(known: FileState | None, version: int | None, snapshot_seq: int | None) -> bool:
@@ -142,6 +144,23 @@ class ProjectTree:
     def created_at(self) -> int | None:
         """When the snapshot in place was made (ms), the replay `since` after a restart."""
         return _int(self.state.meta("created_at"))
+
+    @property
+    def owed_snapshot(self) -> tuple[str, int | None] | None:
+        """(reason, oldest seq it must include) while a snapshot is owed: an event was given
+        up (its seq is recorded as passed) until a snapshot repairs its paths. Kept here so a
+        restart asks again instead of forgetting the repair."""
+        v = self.state.meta(META_OWED)
+        if not isinstance(v, dict) or not isinstance(v.get("reason"), str):
+            return None
+        return str(v["reason"]), _int(v.get("needs"))
+
+    def owe_snapshot(self, reason: str | None, needs: int | None = None) -> None:
+        """Record (or, with reason None, clear) the snapshot owed to the tree."""
+        owed = None if reason is None else {"reason": reason, "needs": needs}
+        if owed is None and self.state.meta(META_OWED) is None:
+            return
+        self.state.update(meta={META_OWED: owed})
 
     # -- the only writers of rows and seq --
 
