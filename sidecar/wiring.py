@@ -328,6 +328,9 @@ def _live(
     def deliver(event: str, payload: dict[str, Any], meta: dict[str, Any] | None) -> None:
         engine.on_message(event, payload, meta)
 
+    def lost(reason: str) -> None:
+        engine.note_lost(reason)
+
     sub = Subscription(
         settings.realtime,
         metrics,
@@ -335,6 +338,7 @@ def _live(
         tokens=tokens,
         replay_since_ms=tree.created_at,
         tuning=SubscriptionTuning(auth_fail_window=settings.realtime.auth_fail_window),
+        on_lost=lost,
     )
     # The container never writes on the channel: with SUPABASE_URL its reports and
     # snapshot requests go through RPCs (the database re-broadcasts them), so a token that

@@ -188,6 +188,7 @@ class SyncEngine:
         self._inflight_since: float | None = None
         self._idle = asyncio.Event()
         self._owed_on_start: tuple[str, int | None] | None = None
+        self._lost: str | None = None
         self._guessed_baseline = False
         self._fault: _Fault | None = None
 
@@ -197,6 +198,13 @@ class SyncEngine:
         """Queue one broadcast for run(); safe to call from a realtime-py callback."""
         self._idle.clear()
         self.queue.put_nowait((event, payload, meta, time.time()))
+
+    def note_lost(self, reason: str) -> None:
+        """A message was lost in transit (realtime-py could not take it): what follows the
+        last applied seq must come from the database. Safe to call from a callback."""
+        self._lost = reason
+        self._idle.clear()
+        self.queue.put_nowait(("", None, None, 0.0))  # wake run()
 
     # -- control --
 
@@ -306,6 +314,9 @@ class SyncEngine:
                 if item is not None:
                     items.append(item)
             await self._handle(items)
+            if self._lost is not None and self.hydrated.is_set():
+                reason, self._lost = self._lost, None
+                await self._want_snapshot(reason, (self.last_seq or 0) + 1)
             if self._owed_on_start is not None and self.hydrated.is_set():
                 # A snapshot was owed when the last run stopped (sidecar/tree/project.py).
                 reason, needs = self._owed_on_start

@@ -27,7 +27,7 @@ from typing import Any
 
 import structlog
 from realtime import AsyncRealtimeChannel, AsyncRealtimeClient, RealtimeSubscribeStates
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from sidecar.config import RealtimeSettings
 from sidecar.errors import ConfigError, RealtimeAuthError, SidecarError
@@ -41,6 +41,8 @@ __all__ = ["AUTH_ERROR_CODES", "OnMessage", "Subscription", "SubscriptionTuning"
 log = structlog.get_logger(component="subscription")
 
 OnMessage = Callable[[str, dict[str, Any], dict[str, Any] | None], None]
+OnLost = Callable[[str], None]
+TOO_BIG = 1009  # the close code websockets uses for a frame over its max_size (1 MiB)
 
 # Join/system errors that mean "this token will not do" (the reasons the real server sends,
 # reproduced by sidecar/testing/realtime/socket.py).
@@ -178,6 +180,7 @@ class Subscription:
         tokens: TokenSource | None = None,
         replay_since_ms: int | None = None,
         tuning: SubscriptionTuning | None = None,
+        on_lost: OnLost | None = None,
     ) -> None:
         if not settings.url:
             raise ConfigError("REALTIME_URL is required to subscribe")
@@ -186,6 +189,11 @@ class Subscription:
         self.settings = settings
         self.metrics = metrics
         self.on_message = on_message
+        self.on_lost = on_lost
+        self.oversize = 0  # messages realtime-py could not take (over 1 MiB)
+        # Replay never starts before this (ms): a message realtime-py cannot take would be
+        # replayed on every rejoin, each one closing the socket again.
+        self._replay_floor: int | None = None
         self._own_tokens = tokens is None
         self.tokens = tokens if tokens is not None else TokenSource.from_settings(settings)
         t = tuning or SubscriptionTuning()
@@ -532,9 +540,12 @@ class Subscription:
             candidates.append(int((self.last_live_at - self.tuning.replay_margin) * 1000))
         if self._since_ms is not None:
             if self._force_since:
-                return self._since_ms
+                return self._floored(self._since_ms)
             candidates.append(self._since_ms)
-        return max(candidates) if candidates else None
+        return self._floored(max(candidates)) if candidates else self._replay_floor
+
+    def _floored(self, since: int) -> int:
+        return since if self._replay_floor is None else max(since, self._replay_floor)
 
     async def _start_build(self) -> None:
         self.tokens.reload()  # in case the watch missed a rotation
@@ -668,6 +679,9 @@ class Subscription:
             return
         self._set_joined(False)
         self.last_error = f"{state.value}: {reason}" if reason else state.value
+        if _closed_too_big(err):
+            self._message_too_big(b)
+            return
         if state == RealtimeSubscribeStates.CLOSED:
             log.warning("subscription.channel_closed", gen=b.gen)
             self.request_rebuild("channel closed")
@@ -679,6 +693,24 @@ class Subscription:
             )
         else:
             log.warning("subscription.channel_error", gen=b.gen, state=state.value, reason=reason)
+        self._wake.set()
+
+    def _message_too_big(self, b: _Build) -> None:
+        """A message over 1 MiB closed the socket (realtime-py cannot take it; protocol notes:
+        a replayed one loops reconnect, rejoin, replay, close). Move the replay start past it
+        (in the join payload realtime-py resends on its own reconnect too), so it is never
+        replayed again, and tell the engine that a message is lost: it recovers it from the
+        database. One reconnect per such message, never a loop."""
+        self.oversize += 1
+        floor = int(time.time() * 1000)
+        self._replay_floor = max(self._replay_floor or 0, floor)
+        if b.replay is not None:
+            b.replay["since"] = max(b.replay["since"], floor)
+        log.warning(
+            "subscription.message_too_big", gen=b.gen, replay_from=floor, count=self.oversize
+        )
+        if self.on_lost is not None:
+            self.on_lost("message_too_big")
         self._wake.set()
 
     def _set_joined(self, joined: bool) -> None:
@@ -725,3 +757,10 @@ class Subscription:
             if not self.is_joined:
                 # An errored join retries on realtime-py's slow timer: rebuild with it now.
                 self.request_rebuild("token rotated while not joined", urgent=True)
+
+
+def _closed_too_big(err: BaseException | None) -> bool:
+    """Whether a subscribe-callback error is the socket closed for a too large message."""
+    if not isinstance(err, ConnectionClosed):
+        return False
+    return any(f is not None and f.code == TOO_BIG for f in (err.sent, err.rcvd))

@@ -311,6 +311,22 @@ async def test_gap_not_fillable_requests_snapshot(tmp_path: Path) -> None:
         assert r.state.meta("snapshot_id") == f"{r.db.seq}"
 
 
+async def test_lost_message_is_recovered_with_a_snapshot(tmp_path: Path) -> None:
+    """A message the subscription could not take (over 1 MiB) is reported lost: with no later
+    event to reveal a gap, the engine asks for a snapshot that includes the next seq."""
+    async with rig(tmp_path) as r:
+        r.engine.mark_hydrated(Manifest("p1", "s", 0, {}, seq=0))
+        answer_requests(r)
+        r.feed(r.db.update("a.txt", "1"))
+        await r.until(lambda: r.engine.last_seq == 1)
+        r.db.update("big.bin", "too big for realtime-py")  # never delivered
+        r.engine.note_lost("message_too_big")
+        await r.until(r.converged)
+        requests = [p for e, p in r.link.sent if e == "snapshot:request"]
+        assert requests == [{"session_id": "s1", "reason": "message_too_big", "last_seq": 1}]
+        assert r.engine.last_seq == r.db.seq == 2
+
+
 async def test_snapshot_ready_without_request_is_ignored_when_old(tmp_path: Path) -> None:
     """An unsolicited snapshot:ready that is not newer than what was applied changes nothing."""
     async with rig(tmp_path) as r:

@@ -510,3 +510,29 @@ async def test_idle_channel_sends_at_most_one_ping_per_interval(rt: RealtimeServ
         # realtime-py's own heartbeat (every 25 s) is the only text frame an idle client sends.
         assert rt.counters.frames_in - frames <= 1
         assert h.sub.is_joined
+
+
+async def test_message_over_1_mib_costs_one_reconnect_not_a_loop(rt: RealtimeServer) -> None:
+    """realtime-py closes the socket (1009) on a frame over 1 MiB; replayed at every rejoin it
+    looped reconnect, rejoin, replay, close (about 70 a second). Now the replay start moves
+    past it: a bounded number of joins, the loss is reported once, and later messages arrive.
+
+    1. joined; 2. the database sends a 1.5 MiB message, then three small ones; 3. the small
+    ones arrive, on_lost was called once, and the server saw at most 3 more joins over the
+    whole scenario (the reconnect, and a margin)."""
+    lost: list[str] = []
+    async with running(rt) as h:
+        h.sub.on_lost = lost.append
+        joins = rt.counters.joins_ok
+        rt.send_db(TOPIC, "test", {"n": "big", "blob": "x" * (1536 * 1024)})
+        await h.until(lambda: bool(lost))
+        for i in range(3):
+            h.send(f"after-{i}")
+        for i in range(3):
+            await h.arrives(f"after-{i}")
+        await h.until(lambda: h.sub.is_joined)
+        await asyncio.sleep(1.0)  # a loop would show here: rejoins continuing on their own
+        assert lost == ["message_too_big"]
+        assert h.sub.oversize == 1
+        assert rt.counters.joins_ok - joins <= 3
+        assert "big" not in h.ids("big")
