@@ -194,6 +194,7 @@ class Subscription:
         # Replay never starts before this (ms): a message realtime-py cannot take would be
         # replayed on every rejoin, each one closing the socket again.
         self._replay_floor: int | None = None
+        self._too_big_at: float | None = None  # unix time of the last such close
         self._own_tokens = tokens is None
         self.tokens = tokens if tokens is not None else TokenSource.from_settings(settings)
         t = tuning or SubscriptionTuning()
@@ -696,21 +697,36 @@ class Subscription:
         self._wake.set()
 
     def _message_too_big(self, b: _Build) -> None:
-        """A message over 1 MiB closed the socket (realtime-py cannot take it; protocol notes:
-        a replayed one loops reconnect, rejoin, replay, close). Move the replay start past it
-        (in the join payload realtime-py resends on its own reconnect too), so it is never
-        replayed again, and tell the engine that a message is lost: it recovers it from the
-        database. One reconnect per such message, never a loop."""
+        """A message over 1 MiB closed the socket: realtime-py cannot take it, and if it is
+        stored for replay every rejoin replays it and closes the socket again (protocol notes:
+        reconnect, rejoin, replay, close, about 70 times a second).
+
+        The first such close only reports the loss (on_lost: the engine recovers what follows
+        its last seq from the database); the message may not be replayable at all. A second
+        one soon after means the rejoin replayed it: replay then starts after the first close
+        (in the join payload realtime-py resends by itself too), so it costs one more
+        reconnect, never a loop. What that skips is part of what the engine recovers.
+        """
+        now = time.time()
         self.oversize += 1
-        floor = int(time.time() * 1000)
-        self._replay_floor = max(self._replay_floor or 0, floor)
-        if b.replay is not None:
-            b.replay["since"] = max(b.replay["since"], floor)
-        log.warning(
-            "subscription.message_too_big", gen=b.gen, replay_from=floor, count=self.oversize
-        )
-        if self.on_lost is not None:
-            self.on_lost("message_too_big")
+        first = self._too_big_at is None or now - self._too_big_at > self._grace * 2 + 5
+        if first:
+            self._too_big_at = now
+            log.warning("subscription.message_too_big", gen=b.gen, count=self.oversize)
+            if self.on_lost is not None:
+                self.on_lost("message_too_big")
+        else:
+            assert self._too_big_at is not None
+            floor = int(self._too_big_at * 1000) + 1
+            self._replay_floor = max(self._replay_floor or 0, floor)
+            if b.replay is not None:
+                b.replay["since"] = max(b.replay["since"], floor)
+            log.warning(
+                "subscription.message_too_big_replayed",
+                gen=b.gen,
+                replay_from=floor,
+                count=self.oversize,
+            )
         self._wake.set()
 
     def _set_joined(self, joined: bool) -> None:

@@ -515,7 +515,8 @@ async def test_idle_channel_sends_at_most_one_ping_per_interval(rt: RealtimeServ
 async def test_message_over_1_mib_costs_one_reconnect_not_a_loop(rt: RealtimeServer) -> None:
     """realtime-py closes the socket (1009) on a frame over 1 MiB; replayed at every rejoin it
     looped reconnect, rejoin, replay, close (about 70 a second). Now the replay start moves
-    past it: a bounded number of joins, the loss is reported once, and later messages arrive.
+    past it once a rejoin replayed it: a bounded number of joins, the loss is reported once,
+    and later messages arrive.
 
     1. joined; 2. the database sends a 1.5 MiB message, then three small ones; 3. the small
     ones arrive, on_lost was called once, and the server saw at most 3 more joins over the
@@ -533,6 +534,6 @@ async def test_message_over_1_mib_costs_one_reconnect_not_a_loop(rt: RealtimeSer
         await h.until(lambda: h.sub.is_joined)
         await asyncio.sleep(1.0)  # a loop would show here: rejoins continuing on their own
         assert lost == ["message_too_big"]
-        assert h.sub.oversize == 1
+        assert h.sub.oversize <= 2  # live, then at most once more by replay
         assert rt.counters.joins_ok - joins <= 3
         assert "big" not in h.ids("big")
