@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
@@ -35,6 +34,7 @@ from sidecar.live import _realtime_py as rtpy
 from sidecar.live.tokens import TokenSource
 from sidecar.metrics import Metrics
 from sidecar.redact import redact
+from sidecar.retry import backoff_delay
 
 __all__ = ["AUTH_ERROR_CODES", "OnMessage", "Subscription", "SubscriptionTuning"]
 
@@ -340,18 +340,23 @@ class Subscription:
     # -- supervision --
 
     async def _supervise(self) -> None:
-        backoff = self.settings.rebuild_backoff_initial
+        attempt = 0  # rebuilds since the last stable build
         first = True
         while True:
             if not first and not self._rebuild_now:
-                delay = backoff * (0.5 + random.random() / 2)  # jitter, not crypto
+                attempt += 1
+                delay = backoff_delay(
+                    attempt,
+                    self.settings.rebuild_backoff_initial,
+                    self.settings.rebuild_backoff_max,
+                    floor=0.5,
+                )
                 log.info(
                     "subscription.rebuild_scheduled",
                     wait_for=round(delay, 3),
                     reason=self._rebuild_reason,
                 )
                 await self._sleep_or_wake(delay)
-                backoff = min(backoff * 2, self.settings.rebuild_backoff_max)
             first = False
             self._rebuild_now = False
             self._rebuild_requested = False
@@ -371,7 +376,7 @@ class Subscription:
                 continue
             stable, reason = await self._monitor()
             if stable:
-                backoff = self.settings.rebuild_backoff_initial
+                attempt = 0
             await self._teardown(reason)
             self.rebuilds += 1
 

@@ -47,6 +47,7 @@ from sidecar.config import ConflictPolicy, Settings, TwoWaySettings
 from sidecar.errors import SidecarError
 from sidecar.live.events import DeltaEvent, FileChange
 from sidecar.metrics import Metrics
+from sidecar.retry import backoff_delay
 from sidecar.tree import fsio
 from sidecar.tree.paths import resolve_inside
 from sidecar.tree.project import ProjectTree
@@ -478,7 +479,6 @@ class LocalSync:
 
     async def _push(self, rel: str) -> Outcome:
         assert self.upstream is not None
-        delay = self.backoff_initial
         for attempt in range(1, self.push_attempts + 1):
             try:
                 async with self.lock:
@@ -504,6 +504,7 @@ class LocalSync:
                         status=exc.status,
                     )
                     return "failed"
+                delay = backoff_delay(attempt, self.backoff_initial, self.backoff_max, floor=1.0)
                 log.info(
                     "localsync.push_retry_scheduled",
                     path=rel,
@@ -513,7 +514,6 @@ class LocalSync:
                 )
             await self._flush_outbox()
             await asyncio.sleep(delay)  # the lock is free while we wait
-            delay = min(self.backoff_max, delay * 2)
         return "failed"  # pragma: no cover - the loop always returns
 
     async def _push_locked(self, ch: LocalChange) -> Outcome:
