@@ -155,13 +155,18 @@ class PostgresCluster:
 
 
 def start_cluster(
-    *, base_dir: Path | None = None, port: int = 0, schema: bool = True
+    *,
+    base_dir: Path | None = None,
+    port: int = 0,
+    schema: bool = True,
+    listen: str = "127.0.0.1",
 ) -> PostgresCluster:
     """Start a cluster in a new directory under base_dir (default: the system temp dir).
 
     base_dir must be traversable by the OS user `postgres` when running as root. With
     `schema` the shim and the migration are applied. The cluster is also stopped at
-    interpreter exit if the caller forgets.
+    interpreter exit if the caller forgets. `listen` other than loopback (the compose run's
+    database container) also trusts clients on the server's own subnets (`samenet`).
 
     Raises:
         PostgresUnavailableError: no binaries, or initdb / start / the schema failed (the
@@ -190,7 +195,10 @@ def start_cluster(
             "--encoding=UTF8",
             "--locale=C.UTF-8",
         )
-        cluster = _start(as_root, bindir, root, port)
+        if listen != "127.0.0.1":
+            with (root / "data" / "pg_hba.conf").open("a") as hba:
+                hba.write("host all all samenet trust\n")
+        cluster = _start(as_root, bindir, root, port, listen)
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise
@@ -206,7 +214,7 @@ def start_cluster(
     return cluster
 
 
-def _start(as_root: bool, bindir: Path, root: Path, port: int) -> PostgresCluster:
+def _start(as_root: bool, bindir: Path, root: Path, port: int, listen: str) -> PostgresCluster:
     # A port picked free can be taken before the server binds it: try a few.
     attempts = 1 if port else 4
     last = ""
@@ -214,7 +222,7 @@ def _start(as_root: bool, bindir: Path, root: Path, port: int) -> PostgresCluste
         chosen = port or _free_port()
         options = " ".join(
             [
-                "-c listen_addresses=127.0.0.1",
+                f"-c listen_addresses={listen}",
                 f"-c port={chosen}",
                 f"-c unix_socket_directories={root}",
                 "-c fsync=off",  # speed; keep synchronous_commit on (see the reference notes)
@@ -342,7 +350,7 @@ def _tail(path: Path, lines: int = 5) -> str:
 async def _serve(args: argparse.Namespace) -> None:
     from sidecar.testing._server import until_terminated
 
-    cluster = await asyncio.to_thread(start_cluster, port=args.port)
+    cluster = await asyncio.to_thread(start_cluster, port=args.port, listen=args.listen)
     try:
         sys.stdout.write(
             json.dumps(
@@ -367,6 +375,9 @@ def main(argv: list[str] | None = None) -> None:
         prog="sidecar.testing.postgres", description=__doc__.splitlines()[0]
     )
     p.add_argument("--port", type=int, default=0)
+    p.add_argument(
+        "--listen", default="127.0.0.1", help="listen_addresses (not loopback: trusts samenet)"
+    )
     asyncio.run(_serve(p.parse_args(argv)))
 
 

@@ -1,16 +1,24 @@
-"""The compose test's runner: checks, over HTTP only, that the sidecar container serves the project.
+"""The compose test's runner: checks, over HTTP only, that the chain serves the database's files.
 
-Run in phases by scripts/compose-test (state between phases lives in SHARED/model.json):
+The database is the truth: every check compares what a container's dev server serves with
+`list_current_files` read through the gateway (as the service role). Edits go through the
+gateway's RPCs with an editor's token minted by `sidecar token mint`, as an editor's backend
+sends them. Run in phases by scripts/compose-test (state between phases in SHARED/model.json):
 
-  initial    the sidecar hydrated: /readyz, every served file matches the snapshot, /status names
-             the snapshot; then live edits through the Realtime admin API (update, create with
-             binary bytes, delete, a stale version, an unsafe path, a bulk) each seen served.
-  offline    the sidecar container is stopped: send edits it must catch up on (stored for replay).
-  restarted  the container was started again: ready again, the tree converges to every edit
-             (replayed), the snapshot was not downloaded a second time, and a live edit still
-             arrives.
-  logs       reads the sidecar container's logs on stdin: JSON lines carrying project_id, and no
-             secret (token, signed URL query) anywhere.
+  initial    the sidecar hydrated from `snapshot publish`'s URL: /readyz, every served file
+             matches the database, /status names the published snapshot; then edits (update,
+             a binary file over the inline limit, delete, bulk) each seen served, and a path
+             leaving the project refused by the database with nothing written.
+  offline    the sidecar container is stopped: edits it must catch up on.
+  restarted  the container was started again: ready again, the tree converges to the database
+             (the event log's replay), the snapshot was not downloaded a second time, and a live
+             edit still arrives.
+  requested  the second container (its signed URL expired) asked the database for a snapshot:
+             the worker answered (its metrics), the container serves the database's files and
+             follows a live edit.
+  logs       reads both sidecar containers' logs on stdin: JSON lines carrying project_id and
+             session_id, no secret (tokens, keys, signed-URL queries), SIGTERM forwarded.
+  worker-logs  the worker's logs on stdin: JSON, an answered request, no secret.
 
 Every wait has a deadline; a failure prints what was expected and what was seen, and exits 1.
 """
@@ -31,7 +39,10 @@ from urllib.parse import quote
 
 SIDECAR = os.environ.get("SIDECAR_BASE", "http://sidecar:8787")
 DEV = os.environ.get("DEV_BASE", "http://sidecar:3000")
-REALTIME = os.environ.get("REALTIME_ADMIN", "http://realtime:4000")
+SIDECAR_B = os.environ.get("SIDECAR_B_BASE", "http://sidecar-b:8787")
+DEV_B = os.environ.get("DEV_B_BASE", "http://sidecar-b:3000")
+GATEWAY = os.environ.get("GATEWAY", "http://gateway:3000")
+WORKER = os.environ.get("WORKER", "http://worker:8788")
 SNAPSHOTS = os.environ.get("SNAPSHOTS_ADMIN", "http://snapshots:8080")
 SHARED = Path(os.environ.get("SHARED_DIR", "/shared"))
 READY_DEADLINE = float(os.environ.get("READY_DEADLINE", "120"))
@@ -53,11 +64,18 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def http(method: str, url: str, body: Any = None, timeout: float = 5) -> tuple[int, bytes]:
+def http(
+    method: str,
+    url: str,
+    body: Any = None,
+    timeout: float = 10,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
     """(status, body) of one request; connection errors raise OSError."""
     data = None if body is None else json.dumps(body).encode()
+    all_headers = {"Content-Type": "application/json"} if data else {}
     req = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"} if data else {}
+        url, data=data, method=method, headers=all_headers | (headers or {})
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -93,123 +111,81 @@ def wait_until(what: str, probe: Any, deadline_s: float) -> Any:
         time.sleep(0.25)
 
 
-# --- the model: what the project should look like -------------------------------------------
+# --- the database, through the gateway ---------------------------------------------------
 
 
-class Model:
-    """Expected files (path -> bytes sha256), per-path versions, next seq; persisted in SHARED."""
+class Database:
+    """The project's files in PostgreSQL; edits as the editor; state kept between phases."""
 
     def __init__(self) -> None:
+        self.expected: dict[str, Any] = json.loads((SHARED / "expected.json").read_text())
+        self.project: str = self.expected["project_id"]
+        self.editor_token = (SHARED / "editor_token").read_text().strip()
+        self.anon = os.environ["REALTIME_APIKEY"]
+        self.service = os.environ["SUPABASE_SERVICE_ROLE_KEY"]
         path = SHARED / "model.json"
-        expected = json.loads((SHARED / "expected.json").read_text())
-        self.expected = expected
-        if path.exists():
-            data = json.loads(path.read_text())
-        else:
-            data = {
-                "files": expected["files"],
-                "versions": expected["versions"],
-                "seq": int(expected.get("seq") or 0),
-                "snapshot_gets": None,
-            }
-        self.files: dict[str, str] = data["files"]
-        self.versions: dict[str, int] = data["versions"]
-        self.seq: int = data["seq"]
-        self.snapshot_gets: int | None = data["snapshot_gets"]
-        self.topic = f"project:{expected['project_id']}"
+        data = json.loads(path.read_text()) if path.exists() else {}
+        self.snapshot_gets: int | None = data.get("snapshot_gets")
 
     def save(self) -> None:
         """Persist for the next phase."""
-        data = {
-            "files": self.files,
-            "versions": self.versions,
-            "seq": self.seq,
-            "snapshot_gets": self.snapshot_gets,
-        }
-        (SHARED / "model.json").write_text(json.dumps(data, indent=1))
+        (SHARED / "model.json").write_text(json.dumps({"snapshot_gets": self.snapshot_gets}))
 
-    def next_version(self, path: str) -> int:
-        """One more than any version known for path."""
-        return self.versions.get(path, 0) + 1
-
-    # -- sending events (each event takes the next seq: the producer's seq is gap-free) --
-
-    def send(self, event: str, payload: dict[str, Any], *, with_seq: bool = True) -> None:
-        """Broadcast one event on the project's private channel, as realtime.send would."""
-        payload = {**payload, "timestamp": int(time.time() * 1000)}
-        if with_seq:
-            self.seq += 1
-            payload["seq"] = self.seq
+    def rpc(self, fn: str, token: str, **args: Any) -> tuple[int, Any]:
+        """POST /rest/v1/rpc/fn with the anon key and token; (status, JSON answer)."""
         status, body = http(
             "POST",
-            f"{REALTIME}/_admin/send",
-            {"topic": self.topic, "event": event, "payload": payload, "private": True},
+            f"{GATEWAY}/rest/v1/rpc/{fn}",
+            {"project_uuid": self.project, **args},
+            headers={"apikey": self.anon, "Authorization": f"Bearer {token}"},
         )
-        if status != 200 or json.loads(body).get("id") is None:
-            raise CheckFailed(f"realtime send {event} -> {status}: {body[:300]!r}")
+        return status, json.loads(body) if body else None
 
-    @staticmethod
-    def change(path: str, data: bytes | None, version: int) -> dict[str, Any]:
-        """A change entry: update (text as content, other bytes as content_b64) or delete."""
-        if data is None:
-            return {"action": "delete", "file_path": path, "version": version}
-        entry: dict[str, Any] = {
-            "action": "update",
-            "file_path": path,
-            "version": version,
-            "content_hash": sha(data),
-        }
+    def edit(self, fn: str, **args: Any) -> Any:
+        """One editor write; 200 expected."""
+        status, answer = self.rpc(fn, self.editor_token, **args)
+        if status != 200:
+            raise CheckFailed(f"{fn} -> {status}: {str(answer)[:300]}")
+        return answer
+
+    def files(self) -> dict[str, str]:
+        """The live files: path -> sha256 of the bytes (the database's content_hash)."""
+        status, rows = self.rpc("list_current_files", self.service)
+        if status != 200:
+            raise CheckFailed(f"list_current_files -> {status}: {str(rows)[:300]}")
+        return {r["file_path"]: r["content_hash"] for r in rows}
+
+    def upsert(self, path: str, data: bytes) -> None:
+        """upsert_project_file: text as text, other bytes as base64 with file_type binary."""
         try:
-            entry["content"] = data.decode("utf-8")
+            self.edit("upsert_project_file", p_file_path=path, p_content=data.decode("utf-8"))
         except UnicodeDecodeError:
-            entry["content_b64"] = base64.b64encode(data).decode()
-        return entry
-
-    def update(
-        self,
-        path: str,
-        data: bytes,
-        *,
-        version: int | None = None,
-        expect_applied: bool = True,
-        with_seq: bool = True,
-    ) -> None:
-        """Send file:update; the model follows when the sidecar must apply it."""
-        v = self.next_version(path) if version is None else version
-        entry = self.change(path, data, v)
-        entry.pop("action")
-        self.send("file:update", entry, with_seq=with_seq)
-        if expect_applied:
-            self.files[path] = sha(data)
-            self.versions[path] = v
+            content = base64.b64encode(data).decode()
+            self.edit(
+                "upsert_project_file", p_file_path=path, p_content=content, p_file_type="binary"
+            )
 
     def delete(self, path: str) -> None:
-        """Send file:delete."""
-        v = self.next_version(path)
-        self.send("file:delete", {"file_path": path, "version": v})
-        self.files.pop(path, None)
-        self.versions[path] = v
+        """delete_project_file."""
+        self.edit("delete_project_file", p_file_path=path)
 
     def bulk(self, changes: list[tuple[str, bytes | None]]) -> None:
-        """Send one bulk:apply (applied as one unit)."""
-        entries = []
+        """bulk_upsert_project_files: one transaction, one bulk:apply event."""
+        files: list[dict[str, Any]] = []
         for path, data in changes:
-            v = self.next_version(path)
-            entries.append(self.change(path, data, v))
-            self.versions[path] = v
             if data is None:
-                self.files.pop(path, None)
+                files.append({"file_path": path, "action": "delete"})
             else:
-                self.files[path] = sha(data)
-        self.send("bulk:apply", {"files": entries})
+                files.append({"file_path": path, "content": data.decode("utf-8")})
+        self.edit("bulk_upsert_project_files", files=files)
 
 
 # --- checks ---------------------------------------------------------------------------------
 
 
-def served_tree() -> dict[str, str]:
-    """What the dev server (the sidecar's child) sees in PROJECT_DIR."""
-    files: dict[str, str] = get_json(f"{DEV}/__tree")["files"]
+def served_tree(dev: str) -> dict[str, str]:
+    """What a dev server (a sidecar's child) sees in PROJECT_DIR."""
+    files: dict[str, str] = get_json(f"{dev}/__tree")["files"]
     return files
 
 
@@ -221,132 +197,119 @@ def diff(want: dict[str, str], got: dict[str, str]) -> str:
     return f"missing={missing} extra={extra} different={changed}"
 
 
-def wait_tree(model: Model, what: str, deadline_s: float = EDIT_DEADLINE) -> None:
-    """Wait until the served tree is exactly the model."""
+def wait_tree(db: Database, what: str, deadline_s: float = EDIT_DEADLINE, dev: str = DEV) -> None:
+    """Wait until the served tree is exactly the database's live files."""
 
     def probe() -> tuple[bool, str]:
-        got = served_tree()
-        return got == model.files, diff(model.files, got)
+        want, got = db.files(), served_tree(dev)
+        return got == want, diff(want, got)
 
-    wait_until(f"the served tree to match ({what})", probe, deadline_s)
-    log(f"ok: {what}: served tree matches ({len(model.files)} files)")
+    wait_until(f"the served tree to equal the database ({what})", probe, deadline_s)
+    log(f"ok: {what}: served tree equals the database")
 
 
-def wait_ready(deadline_s: float) -> None:
+def wait_ready(deadline_s: float, base: str = SIDECAR) -> None:
     """Wait until /readyz answers 200."""
 
     def probe() -> tuple[bool, str]:
-        status, body = http("GET", f"{SIDECAR}/readyz")
+        status, body = http("GET", f"{base}/readyz")
         return status == 200, f"{status} {body[:300]!r}"
 
-    wait_until("/readyz to answer 200", probe, deadline_s)
-    log("ok: /readyz 200")
+    wait_until(f"{base}/readyz to answer 200", probe, deadline_s)
+    log(f"ok: {base}/readyz 200")
 
 
-def check_served_bytes(model: Model) -> None:
-    """Every file GET through the dev server has the bytes the model says."""
-    for path, digest in sorted(model.files.items()):
-        status, body = http("GET", f"{DEV}/{quote(path)}")
+def check_served_bytes(db: Database, dev: str = DEV) -> None:
+    """Every file GET through the dev server has the database's bytes."""
+    files = db.files()
+    for path, digest in sorted(files.items()):
+        status, body = http("GET", f"{dev}/{quote(path)}")
         if status != 200 or sha(body) != digest:
             raise CheckFailed(f"GET /{path}: status {status}, sha256 {sha(body)} != {digest}")
-    log(f"ok: every file served with the snapshot's bytes ({len(model.files)} GETs)")
+    log(f"ok: every file served with the database's bytes ({len(files)} GETs)")
 
 
-def check_no_secrets(model: Model, where: str, text: str) -> None:
-    """No secret (token, signed-URL query) in text."""
-    for secret in model.expected["secrets"]:
+def check_no_secrets(db: Database, where: str, text: str) -> None:
+    """No secret (tokens, keys, signed-URL queries) in text."""
+    for secret in db.expected["secrets"]:
         if secret and secret in text:
             raise CheckFailed(f"{where} contains a secret ({secret[:8]}...)")
 
 
-def check_status(model: Model) -> dict[str, Any]:
-    """/status names the snapshot; /status and /metrics carry no secret; /healthz answers."""
-    status, _ = http("GET", f"{SIDECAR}/healthz")
+def check_status(db: Database, base: str = SIDECAR) -> dict[str, Any]:
+    """/status and /metrics carry no secret; /healthz answers."""
+    status, _ = http("GET", f"{base}/healthz")
     if status != 200:
         raise CheckFailed(f"/healthz -> {status}")
-    st_code, st_body = http("GET", f"{SIDECAR}/status")
-    m_code, m_body = http("GET", f"{SIDECAR}/metrics")
+    st_code, st_body = http("GET", f"{base}/status")
+    m_code, m_body = http("GET", f"{base}/metrics")
     if st_code != 200 or m_code != 200:
         raise CheckFailed(f"/status -> {st_code}, /metrics -> {m_code}")
     text = st_body.decode()
-    check_no_secrets(model, "/status", text)
-    check_no_secrets(model, "/metrics", m_body.decode())
-    snap_id = model.expected["snapshot_id"]
-    if snap_id and snap_id not in text:
-        raise CheckFailed(f"/status does not name snapshot {snap_id}: {text[:500]}")
-    log("ok: /healthz, /status (names the snapshot), /metrics; no secret in either")
+    check_no_secrets(db, "/status", text)
+    check_no_secrets(db, "/metrics", m_body.decode())
+    log(f"ok: {base} /healthz, /status, /metrics; no secret in either")
     status_json: dict[str, Any] = json.loads(text)
     return status_json
 
 
-def snapshot_gets(model: Model) -> int:
-    """How many times the snapshot server sent the snapshot object (GETs not answered 304)."""
+def snapshot_gets(db: Database) -> int:
+    """How many times Storage sent the published object (a 304 or a refusal sends nothing)."""
     reqs = get_json(f"{SNAPSHOTS}/_admin/requests")
-    name = model.expected["snapshot_name"]
-    # A 304 (the conditional request of a restart) sends no snapshot bytes: not a download.
+    key = db.expected["snapshot_key"]
     return sum(
-        1
-        for r in reqs
-        if r["method"] == "GET" and r["key"].endswith("/" + name) and r["status"] != 304
+        1 for r in reqs if r["method"] == "GET" and r["key"] == key and r["status"] in (200, 206)
     )
-
-
-def barrier(model: Model, what: str) -> None:
-    """A valid edit after events that must change nothing: once it shows, they were handled."""
-    model.update("barrier.txt", f"barrier after {what} at {time.time()}\n".encode())
-    wait_tree(model, f"barrier after {what}")
 
 
 # --- phases ---------------------------------------------------------------------------------
 
 
-def phase_initial(model: Model) -> None:
-    """Hydrated from the snapshot, then live edits."""
+def phase_initial(db: Database) -> None:
+    """Hydrated from the published snapshot, then edits through the gateway."""
     wait_ready(READY_DEADLINE)
-    wait_tree(model, "hydrated from the snapshot", READY_DEADLINE)
-    check_served_bytes(model)
-    check_status(model)
+    wait_tree(db, "hydrated from `snapshot publish`", READY_DEADLINE)
+    check_served_bytes(db)
+    status = check_status(db)
+    if db.expected["snapshot_id"] not in json.dumps(status):
+        raise CheckFailed(f"/status does not name {db.expected['snapshot_id']}: {status}")
 
-    model.update("README.md", b"# compose demo\n\nedited live (v2)\n")
-    wait_tree(model, "file:update of a text file")
-    model.update("src/new/module.bin", b"\x00\xffbinary\x80 bytes\n" * 64)
-    wait_tree(model, "file:update creating a binary file in a new directory")
-    model.delete("empty.txt")
-    wait_tree(model, "file:delete")
+    db.upsert("README.md", b"# compose demo\n\nedited live (v2)\n")
+    wait_tree(db, "upsert of a text file")
+    db.upsert("src/new/module.bin", b"\x00\xffbinary\x80 bytes\n" * 16384)
+    wait_tree(db, "upsert of a binary file over the inline limit, in a new directory")
+    db.delete("empty.txt")
+    wait_tree(db, "delete")
 
-    # Stale: a version not above what the sidecar knows changes nothing (delta rule 1, sidecar/live/__init__.py).
-    stale_v = model.versions["README.md"]
-    model.update("README.md", b"stale bytes\n", version=stale_v, expect_applied=False)
-    # Unsafe: a path leaving PROJECT_DIR is rejected, the sidecar keeps running. It carries the
-    # next seq like every producer event: being rejected must not look like a gap in the seq.
-    model.update(
-        "../escape.txt",
-        b"nope\n",
-        version=1,
-        expect_applied=False,
-        with_seq=os.environ.get("UNSAFE_EVENT_SEQ", "1") == "1",
+    # A path leaving the project: the database refuses it and nothing changes anywhere.
+    code, answer = db.rpc(
+        "upsert_project_file", db.editor_token, p_file_path="../escape.txt", p_content="nope\n"
     )
-    barrier(model, "a stale update and an unsafe path")
+    if code < 400:
+        raise CheckFailed(f"the database accepted ../escape.txt: {code} {answer}")
+    log(f"ok: ../escape.txt refused by the database ({code} {answer.get('code')})")
 
-    model.bulk(
+    db.bulk(
         [
             ("src/app.py", b"print('hello from bulk')\n"),
             ("docs/bulk.txt", b"added by bulk\n"),
             ("assets/logo.bin", None),
         ]
     )
-    wait_tree(model, "bulk:apply (update, create, delete)")
+    wait_tree(db, "bulk (update, create, delete)")
 
     wait_ready(10)
-    check_served_bytes(model)
-    status = check_status(model)
-    log(f"status after live edits: {json.dumps(status)[:400]}")
-    model.snapshot_gets = snapshot_gets(model)
-    log(f"snapshot GETs so far: {model.snapshot_gets}")
+    check_served_bytes(db)
+    status = check_status(db)
+    log(f"status after the edits: {json.dumps(status)[:400]}")
+    db.snapshot_gets = snapshot_gets(db)
+    log(f"snapshot GETs so far: {db.snapshot_gets}")
+    if db.snapshot_gets < 1:
+        raise CheckFailed("Storage never served the published snapshot")
 
 
-def phase_offline(model: Model) -> None:
-    """Edits while the sidecar is down: stored by Realtime, replayed on the next join."""
+def phase_offline(db: Database) -> None:
+    """Edits while the sidecar is down: in the event log, caught up on the next start."""
     status = None
     try:
         status, _ = http("GET", f"{SIDECAR}/healthz", timeout=2)
@@ -354,34 +317,66 @@ def phase_offline(model: Model) -> None:
         pass
     if status is not None:
         raise CheckFailed(f"the sidecar answers /healthz ({status}) but should be stopped")
-    model.update("index.html", b"<!doctype html><title>demo</title><h1>offline v2</h1>\n")
-    model.update("docs/offline.txt", b"written while the sidecar was down\n")
-    model.delete("bin/run.sh")
-    log(f"sent 3 edits while the sidecar is down (seq now {model.seq})")
+    db.upsert("index.html", b"<!doctype html><title>demo</title><h1>offline v2</h1>\n")
+    db.upsert("docs/offline.txt", b"written while the sidecar was down\n")
+    db.delete("bin/run.sh")
+    log("sent 3 edits while the sidecar is down")
 
 
-def phase_restarted(model: Model) -> None:
-    """Back up: converges to every edit without a second download, and stays live."""
+def phase_restarted(db: Database) -> None:
+    """Back up: converges to the database without a second download, and stays live."""
     wait_ready(READY_DEADLINE)
-    wait_tree(model, "restart: offline edits replayed", READY_DEADLINE)
-    check_served_bytes(model)
-    check_status(model)
-    gets = snapshot_gets(model)
-    if model.snapshot_gets is not None and gets != model.snapshot_gets:
+    wait_tree(db, "restart: offline edits caught up", READY_DEADLINE)
+    check_served_bytes(db)
+    check_status(db)
+    gets = snapshot_gets(db)
+    if db.snapshot_gets is not None and gets != db.snapshot_gets:
         raise CheckFailed(
             f"the snapshot was downloaded again on restart "
-            f"({model.snapshot_gets} GETs before, {gets} after)"
+            f"({db.snapshot_gets} GETs before, {gets} after)"
         )
     log(f"ok: no snapshot download on restart ({gets} GETs in all)")
-    model.update("README.md", b"# compose demo\n\nedited after the restart\n")
-    wait_tree(model, "live edit after the restart")
+    db.upsert("README.md", b"# compose demo\n\nedited after the restart\n")
+    wait_tree(db, "live edit after the restart")
 
 
-def phase_logs(model: Model) -> None:
-    """The sidecar's logs (stdin): structured, carry project_id, never a secret."""
-    text = sys.stdin.read()
-    check_no_secrets(model, "the sidecar's logs", text)
-    json_lines = 0
+def worker_answered() -> float:
+    """sidecar_worker_requests_answered from the worker's /metrics."""
+    status, body = http("GET", f"{WORKER}/metrics")
+    if status != 200:
+        raise CheckFailed(f"worker /metrics -> {status}")
+    for line in body.decode().splitlines():
+        if line.startswith("sidecar_worker_requests_answered"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def phase_requested(db: Database) -> None:
+    """The second container's URL had expired: the worker answered its request."""
+    wait_ready(READY_DEADLINE, SIDECAR_B)
+    wait_tree(db, "second container, hydrated from the worker's snapshot", 30, DEV_B)
+    check_served_bytes(db, DEV_B)
+    check_status(db, SIDECAR_B)
+    refused = [
+        r
+        for r in get_json(f"{SNAPSHOTS}/_admin/requests")
+        if r["key"] == db.expected["snapshot_key"] and r["status"] >= 400
+    ]
+    if not refused:
+        raise CheckFailed("Storage never refused the second container's expired URL")
+    log(f"ok: Storage refused the expired URL ({refused[0]['status']})")
+    answered = worker_answered()
+    if answered < 1:
+        raise CheckFailed("the worker answered no snapshot request")
+    log(f"ok: the worker answered {answered:.0f} snapshot request(s)")
+    db.upsert("docs/both.txt", b"seen by both containers\n")
+    wait_tree(db, "live edit, first container")
+    wait_tree(db, "live edit, second container", dev=DEV_B)
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """The structured log lines (objects with an event) of a container's output."""
+    out: list[dict[str, Any]] = []
     for line in text.splitlines():
         line = line.strip()
         if not line.startswith("{"):
@@ -390,14 +385,22 @@ def phase_logs(model: Model) -> None:
             entry = json.loads(line)
         except ValueError:
             continue
-        if "event" not in entry:
-            continue
-        json_lines += 1
-        if entry.get("project_id") != model.expected["project_id"] or not entry.get("session_id"):
-            raise CheckFailed(f"log line without project_id/session_id: {line[:300]}")
-    if json_lines == 0:
+        if isinstance(entry, dict) and "event" in entry:
+            out.append(entry)
+    return out
+
+
+def phase_logs(db: Database) -> None:
+    """The sidecar's logs (stdin): structured, carry project_id, never a secret."""
+    text = sys.stdin.read()
+    check_no_secrets(db, "the sidecar's logs", text)
+    entries = json_lines(text)
+    if not entries:
         raise CheckFailed(f"no JSON log lines in the sidecar's logs ({len(text)} chars)")
-    log(f"ok: {json_lines} JSON log lines, all with project_id and session_id, no secret")
+    for entry in entries:
+        if entry.get("project_id") != db.project or not entry.get("session_id"):
+            raise CheckFailed(f"log line without project_id/session_id: {json.dumps(entry)[:300]}")
+    log(f"ok: {len(entries)} JSON log lines, all with project_id and session_id, no secret")
     # compose-test stopped the container once: SIGTERM reached the sidecar (PID 1), which
     # forwarded it to the dev server, which said so before exiting.
     if "devserver: signal 15" not in text:
@@ -405,11 +408,26 @@ def phase_logs(model: Model) -> None:
     log("ok: SIGTERM was forwarded to the dev server on stop")
 
 
+def phase_worker_logs(db: Database) -> None:
+    """The worker's logs (stdin): structured, an answer for this project, never a secret."""
+    text = sys.stdin.read()
+    check_no_secrets(db, "the worker's logs", text)
+    entries = json_lines(text)
+    answers = [
+        e for e in entries if e["event"] == "worker.answered" and e.get("project_id") == db.project
+    ]
+    if not answers:
+        raise CheckFailed(f"no worker.answered line for the project in {len(entries)} lines")
+    log(f"ok: worker logs: {len(entries)} JSON lines, {len(answers)} answer(s), no secret")
+
+
 PHASES = {
     "initial": phase_initial,
     "offline": phase_offline,
     "restarted": phase_restarted,
+    "requested": phase_requested,
     "logs": phase_logs,
+    "worker-logs": phase_worker_logs,
 }
 
 
@@ -419,15 +437,15 @@ def main() -> int:
         print(f"usage: runner.py {{{'|'.join(PHASES)}}}", file=sys.stderr)
         return 2
     name = sys.argv[1]
-    model = Model()
+    db = Database()
     log(f"phase {name}")
     try:
-        PHASES[name](model)
+        PHASES[name](db)
     except CheckFailed as exc:
         log(f"FAILED in phase {name}: {exc}")
         return 1
     finally:
-        model.save()
+        db.save()
     log(f"phase {name} passed")
     return 0
 
