@@ -2,7 +2,7 @@
 snapshot:request / snapshot:ready re-convergence) of `sidecar/live/__init__.py`, between the
 subscription and the Applier.
 
-Raw broadcasts are queued by `on_message` (called from realtime-py's listener, so it only
+Raw broadcasts are queued as `Inbound` items by `on_message` (called from realtime-py's listener, so it only
 enqueues). `run()` parses them (invalid ones are counted as rejected and skipped), buffers
 everything until `mark_hydrated()`, then applies in `seq` order: events at or below the last
 applied seq are duplicates, events past a gap are held. A gap first waits briefly for
@@ -16,6 +16,7 @@ path inside one burst are coalesced to the highest version.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -39,11 +40,12 @@ from sidecar.live.events import (
     InvalidEventError,
     parse_event,
 )
+from sidecar.live.recovery import Gap, GapPhase
 from sidecar.metrics import Metrics
 from sidecar.retry import backoff_delay
 from sidecar.snapshot.manifest import Manifest
 
-__all__ = ["CatchUpFn", "ChannelLink", "ResyncFn", "SyncEngine", "SyncTuning"]
+__all__ = ["CatchUpFn", "ChannelLink", "Inbound", "ResyncFn", "SyncEngine", "SyncTuning"]
 
 log = structlog.get_logger(component="sync")
 
@@ -91,12 +93,14 @@ class SyncTuning:
     fault_backoff_max: float = 5.0  # so the tree converges within seconds once space is back
 
 
-@dataclass(slots=True)
-class _Gap:
-    phase: str  # reorder | replay | request
-    deadline: float
-    opened_at: float
-    rounds: int = 0
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One broadcast as realtime-py handed it over (not parsed yet), and when it arrived."""
+
+    event: str
+    payload: Any
+    meta: Any
+    received_at: float  # unix
 
 
 @dataclass(slots=True)
@@ -170,7 +174,8 @@ class SyncEngine:
         self.on_applied = on_applied
         self.tuning = tuning or SyncTuning()
         self.hydrated = asyncio.Event()
-        self.queue: asyncio.Queue[tuple[str, Any, Any, float]] = asyncio.Queue()
+        self.queue: asyncio.Queue[Inbound] = asyncio.Queue()
+        self._wake = asyncio.Event()  # set by every hand-off to run()
         self.counts: dict[str, int] = {}
         self.last_seq: int | None = None
         self.last_event_at: float | None = None  # unix receive time of the last event
@@ -181,7 +186,7 @@ class SyncEngine:
         self._buffer: list[_Item] = []
         self._held: dict[int, _Item] = {}
         self._last_seq_received_at: float | None = None  # receive time of event last_seq
-        self._gap: _Gap | None = None
+        self._gap: Gap | None = None
         self._request: _Request | None = None
         self._ready_waiters: list[tuple[asyncio.Future[DeltaEvent], float]] = []
         self._ready: list[_Item] = []
@@ -197,14 +202,15 @@ class SyncEngine:
     def on_message(self, event: str, payload: dict[str, Any], meta: dict[str, Any] | None) -> None:
         """Queue one broadcast for run(); safe to call from a realtime-py callback."""
         self._idle.clear()
-        self.queue.put_nowait((event, payload, meta, time.time()))
+        self.queue.put_nowait(Inbound(event, payload, meta, time.time()))
+        self._wake.set()
 
     def note_lost(self, reason: str) -> None:
         """A message was lost in transit (realtime-py could not take it): what follows the
         last applied seq must come from the database. Safe to call from a callback."""
         self._lost = reason
         self._idle.clear()
-        self.queue.put_nowait(("", None, None, 0.0))  # wake run()
+        self._wake.set()
 
     # -- control --
 
@@ -229,7 +235,7 @@ class SyncEngine:
         log.info("sync.hydrated", last_seq=base, buffered=len(self._buffer))
         self.hydrated.set()
         self._idle.clear()
-        self.queue.put_nowait(("", None, None, 0.0))  # wake run() to drain the buffer
+        self._wake.set()  # run() drains the buffer
 
     async def wait_idle(self) -> None:
         """Wait until hydrated and everything received so far (the buffer included) has been
@@ -277,7 +283,7 @@ class SyncEngine:
             "apply_lag": self.last_apply_lag,
             "buffered": pending,
             "held": len(self._held),
-            "gap": None if self._gap is None else self._gap.phase,
+            "gap": None if self._gap is None else self._gap.phase.value,
             "snapshot_requested": self._request is not None,
             "last_event_at": self.last_event_at,
             "last_applied_at": self.last_applied_at,
@@ -305,12 +311,10 @@ class SyncEngine:
             raw = await self._next_batch()
             if raw:
                 # The oldest message not yet processed: what /status reports as lag.
-                self._inflight_since = min((r[3] for r in raw if r[0]), default=None)
+                self._inflight_since = min(r.received_at for r in raw)
             items: list[_Item] = []
-            for event, payload, meta, received_at in raw:
-                if not event:
-                    continue  # a wake-up
-                item = self._parse(event, payload, meta, received_at)
+            for r in raw:
+                item = self._parse(r.event, r.payload, r.meta, r.received_at)
                 if item is not None:
                     items.append(item)
             await self._handle(items)
@@ -324,14 +328,14 @@ class SyncEngine:
                 await self._want_snapshot(reason, needs)
             await self._advance_recovery()
 
-    async def _next_batch(self) -> list[tuple[str, Any, Any, float]]:
-        wait = self._next_deadline()
-        out: list[tuple[str, Any, Any, float]] = []
-        try:
-            async with asyncio.timeout(wait):
-                out.append(await self.queue.get())
-        except TimeoutError:
-            return out
+    async def _next_batch(self) -> list[Inbound]:
+        """What arrived (at most batch_max), once woken or at the next recovery deadline."""
+        if self.queue.empty() and not self._wake.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._next_deadline()):
+                    await self._wake.wait()
+        self._wake.clear()
+        out: list[Inbound] = []
         while len(out) < self.tuning.batch_max:
             try:
                 out.append(self.queue.get_nowait())
@@ -683,12 +687,12 @@ class SyncEngine:
                 highest=highest,
                 missing=missing,
             )
-            self._gap = _Gap("reorder", now + self.tuning.reorder_wait, now)
+            self._gap = Gap(GapPhase.REORDER, now + self.tuning.reorder_wait, now)
             return
         if now < gap.deadline:
             return
-        if gap.phase == "reorder":
-            gap.phase = "replay"
+        if gap.phase is GapPhase.REORDER:
+            gap.phase = GapPhase.REPLAY
             gap.deadline = now + self.tuning.replay_wait
             highest = max(self._held)
             if self.link is not None and highest - (self.last_seq or 0) <= REPLAY_LIMIT:
@@ -697,15 +701,15 @@ class SyncEngine:
                 self.link.rejoin(since)
                 return
             gap.deadline = now  # replay cannot hold that many: go straight to a snapshot
-        if gap.phase == "replay" and now >= gap.deadline and await self._catch_up():
+        if gap.phase is GapPhase.REPLAY and now >= gap.deadline and await self._catch_up():
             return
-        if gap.phase == "replay" and now >= gap.deadline:
-            gap.phase = "request"
+        if gap.phase is GapPhase.REPLAY and now >= gap.deadline:
+            gap.phase = GapPhase.REQUEST
             gap.rounds += 1
             gap.deadline = now + self.tuning.request_wait
             await self._want_snapshot("seq_gap", (self.last_seq or 0) + 1)
-        elif gap.phase == "request" and now >= gap.deadline:
-            gap.phase = "reorder"
+        elif gap.phase is GapPhase.REQUEST and now >= gap.deadline:
+            gap.phase = GapPhase.REORDER
             gap.deadline = now
 
     async def _catch_up(self) -> bool:
