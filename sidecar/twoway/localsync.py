@@ -637,8 +637,6 @@ class LocalSync:
             return True  # a duplicate or stale event: the Applier drops it
         ch = await self._examine(rel, keep_base=False)  # its base is about to be superseded
         remote = change.content if change.action == "update" else None
-        if change.action == "update" and remote is None and change.content_url:
-            remote = await self._fetch(change)
         if ch is None:
             if remote is not None:
                 old = known.sha256 if known is not None else None
@@ -649,6 +647,10 @@ class LocalSync:
             ch.sha256 is not None and ch.sha256 == r_hash
         ):
             return True  # both sides made the same change
+        if change.action == "update" and remote is None and change.content_url:
+            # Only a real conflict needs the remote bytes here (merge, save aside): without a
+            # local edit the Applier's own download is the only one.
+            remote = await self._fetch(change)
         policy = self.policy
         if policy == "merge":
             merged = self._merge(ch, remote) if change.action == "update" else None

@@ -766,3 +766,36 @@ def test_base_store_memory_and_disk(tmp_path: Path) -> None:
     assert (fresh.get(sha(v2)), fresh.get(sha(v3))) == (v2, v3)
     assert fresh.gc({sha(v3)}) == 1
     assert fresh.get(sha(v2)) is None
+
+
+async def test_content_url_update_without_local_edit_is_downloaded_once(
+    tmp_path: Path, snapshot_server: Any
+) -> None:
+    """With two-way sync on (LocalSync's hook runs under the tree lock, as `sidecar run` wires
+    it), a content_url update to a path with no local edit is fetched once, by the Applier:
+    LocalSync fetched it a second time, under the lock, only to seed a merge base."""
+    project = tmp_path / "project"
+    project.mkdir()
+    state = StateStore(project / ".sidecar")
+    metrics = Metrics(PROJECT, SESSION)
+    tree = ProjectTree(project, state, None, metrics)
+    ls = LocalSync(tree, project / ".sidecar", metrics)
+    applier = Applier(tree, metrics, before_publish=ls.before_publish)
+    try:
+        (project / "a.txt").write_bytes(BASE)
+        state.update({"a.txt": FileState(1, sha(BASE), len(BASE), 0o644)})
+        data = b"line\n" * (800 * 1024)  # 4 MiB
+        snapshot_server.add("blobs/a.txt", data)
+        payload = {
+            "file_path": "a.txt",
+            "content_url": snapshot_server.url_for("blobs/a.txt"),
+            "content_hash": sha(data),
+            "version": 2,
+        }
+        assert await applier.apply(parse_event("file:update", payload, None)) == "applied"
+        assert (project / "a.txt").read_bytes() == data
+        assert len(snapshot_server.gets("blobs/a.txt")) == 1
+    finally:
+        await applier.close()
+        await ls.close()
+        state.close()
