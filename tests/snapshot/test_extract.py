@@ -18,7 +18,7 @@ from sidecar.snapshot.build import build_snapshot
 from sidecar.snapshot.extract import PublishResult, SnapshotWriter, new_staging_dir, verify_tree
 from sidecar.snapshot.manifest import Manifest
 from sidecar.tree.project import ProjectTree
-from sidecar.tree.state import StateStore
+from sidecar.tree.state import FileState, StateStore
 
 from .archives import EOA, Snap, member, zst
 
@@ -493,3 +493,44 @@ def test_directories_of_an_interrupted_publish_are_removed_by_the_next_one(
     assert sorted(p for p, v in tree(project).items() if v[0] == "d") == ["a"]
     assert state.meta("snapshot_dirs") == ["a"]
     state.close()
+
+
+def test_older_snapshot_never_takes_a_path_back(
+    tmp_path: Path, project: Path, state: StateStore
+) -> None:
+    """Delta rule 7: publishing a snapshot older than what was applied keeps, path by path,
+    the newer side. The state (events up to seq 9) knows keep.txt at v5 and gone.txt deleted
+    at v4, and new.txt created at seq 8; the snapshot (seq 6) has keep.txt v3, gone.txt v2 and
+    old.txt v1, and lacks new.txt and stale.txt (recorded at seq 5: deleted by seq 6)."""
+    files = {
+        "keep.txt": b"newer\n",
+        "new.txt": b"created after the snapshot\n",
+        "stale.txt": b"deleted before the snapshot\n",
+    }
+    for rel, data in files.items():
+        (project / rel).write_bytes(data)
+    h = {rel: hashlib.sha256(d).hexdigest() for rel, d in files.items()}
+    state.update(
+        {
+            "keep.txt": FileState(5, h["keep.txt"], 6, 0o644, seq=9),
+            "gone.txt": FileState(4, None, 0, 0, seq=7),
+            "new.txt": FileState(1, h["new.txt"], 27, 0o644, seq=8),
+            "stale.txt": FileState(1, h["stale.txt"], 28, 0o644, seq=5),
+        },
+        {"seq": 9},
+    )
+    src = tmp_path / "snap-src"
+    src.mkdir()
+    (src / "keep.txt").write_bytes(b"older\n")
+    (src / "gone.txt").write_bytes(b"resurrected?\n")
+    (src / "old.txt").write_bytes(b"only in the snapshot\n")
+    versions = {"keep.txt": 3, "gone.txt": 2, "old.txt": 1}
+    result = extract(project, build(src, tmp_path, seq=6, versions=versions), state)
+    assert result.kept == 2  # keep.txt, gone.txt
+    assert (project / "keep.txt").read_bytes() == b"newer\n"
+    assert not (project / "gone.txt").exists()
+    assert (project / "new.txt").read_bytes() == files["new.txt"]
+    assert not (project / "stale.txt").exists()
+    assert (project / "old.txt").read_bytes() == b"only in the snapshot\n"
+    assert [state.get(p).version for p in ("keep.txt", "gone.txt", "new.txt")] == [5, 4, 1]  # type: ignore[union-attr]
+    assert state.meta("seq") == 9  # events newer than the snapshot stay applied
