@@ -4,7 +4,7 @@
 -- supabase/migrations/<ts>_sidecar.sql`) and on the test shim in sidecar/testing/sql/. It is
 -- idempotent: applying it again replaces the functions and policies and keeps the data.
 --
--- What it provides (the README section "The database side" and DB_INTERFACE.md describe it too):
+-- What it provides (the README section "The database side" describes it too):
 --
 -- * public.project_files: one row per version of a path. `content` is the file's text for
 --   text files and the canonical base64 (no line breaks) of its bytes when file_type =

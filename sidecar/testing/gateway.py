@@ -35,8 +35,8 @@ from aiohttp import web
 from psycopg.pq import TransactionStatus
 
 from sidecar.testing._server import LoopbackServer, until_terminated
-from sidecar.testing.pgrst import FunctionInfo, RpcError, call_rpc
-from sidecar.testing.realtime.jwt import signing_key
+from sidecar.testing.pgrst import FunctionInfo, call_rpc
+from sidecar.testing.postgrest_auth import RpcError, TokenIssuer, decode_token
 from sidecar.testing.rpc_server import RpcFaults
 
 __all__ = ["Gateway", "main"]
@@ -47,7 +47,7 @@ _LEEWAY = 30  # seconds, as PostgREST
 _MAX_IDLE = 8
 
 
-class Gateway(LoopbackServer):
+class Gateway(TokenIssuer, LoopbackServer):
     """PostgREST-style RPC endpoint over PostgreSQL; an async context manager.
 
     Args:
@@ -97,30 +97,7 @@ class Gateway(LoopbackServer):
         """The SUPABASE_URL-like root (RPCs under /rest/v1/rpc/)."""
         return self.base_url
 
-    # -- tokens --
-
-    def make_token(
-        self,
-        project_id: str | None,
-        *,
-        role: str = "authenticated",
-        exp_in: float = 3600,
-        **claims: Any,
-    ) -> str:
-        """An HS256 JWT with role, iat, exp, aud and (when given) the project_id claim."""
-        now = int(time.time())
-        body: dict[str, Any] = {
-            "role": role,
-            "iat": now,
-            "exp": now + int(exp_in),
-            "aud": "authenticated" if role == "authenticated" else role,
-        }
-        if project_id is not None:
-            body["project_id"] = project_id
-        body.update(claims)
-        return jwt.encode(body, self.jwt_secret, algorithm="HS256")
-
-    # -- Python API --
+    # -- calls --
 
     async def call(
         self, name: str, args: dict[str, Any], claims: dict[str, Any] | None
@@ -173,23 +150,11 @@ class Gateway(LoopbackServer):
         if scheme.lower() != "bearer" or not token.strip():
             raise RpcError(401, "PGRST301", "No suitable key or wrong key type")
         try:
-            header = jwt.get_unverified_header(token.strip())
-            key = signing_key(header, self.jwt_secret, self.jwt_jwks)
-            if key is None:
-                raise jwt.InvalidAlgorithmError(f"no key for alg {header.get('alg')!r}")
-            claims = jwt.decode(
-                token.strip(),
-                key,
-                algorithms=[str(header.get("alg"))],
-                leeway=_LEEWAY,
-                options={"verify_aud": False},
-            )
+            claims = decode_token(token.strip(), self.jwt_secret, self.jwt_jwks, leeway=_LEEWAY)
         except jwt.ExpiredSignatureError:
             raise RpcError(401, "PGRST303", "JWT expired") from None
         except jwt.InvalidTokenError as exc:
             raise RpcError(401, "PGRST301", f"JWT invalid: {type(exc).__name__}") from None
-        if not isinstance(claims, dict):
-            raise RpcError(401, "PGRST301", "JWT claims are not an object")
         return claims
 
     async def _handle_rpc(self, request: web.Request) -> web.StreamResponse:
@@ -256,15 +221,6 @@ class Gateway(LoopbackServer):
                 "PGRST000",
                 "Could not connect with the database due to an injected fault",
             )
-
-    async def _handle_token(self, request: web.Request) -> web.Response:
-        body = dict(await request.json())
-        project = body.pop("project_id", None)
-        role = str(body.pop("role", "authenticated"))
-        exp_in = float(body.pop("exp_in", 3600))
-        return web.json_response(
-            {"token": self.make_token(project, role=role, exp_in=exp_in, **body)}
-        )
 
     async def _handle_health(self, _request: web.Request) -> web.Response:
         return web.json_response({"ok": True})

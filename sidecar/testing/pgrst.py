@@ -19,29 +19,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from sidecar.testing.postgrest_auth import RpcError
+
 __all__ = ["FunctionInfo", "RpcError", "call_rpc", "http_status", "lookup_function"]
-
-
-class RpcError(Exception):
-    """A PostgREST error answer: `status` and the JSON `body`."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str | None,
-        message: str,
-        details: str | None = None,
-        hint: str | None = None,
-    ) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.body: dict[str, Any] = {
-            "code": code,
-            "details": details,
-            "hint": hint,
-            "message": message,
-        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,7 +61,7 @@ from aiohttp import web
 from sidecar.snapshot.build import build_snapshot
 from sidecar.snapshot.manifest import Manifest
 from sidecar.testing._server import LoopbackServer, until_terminated
-from sidecar.testing.realtime.jwt import signing_key
+from sidecar.testing.postgrest_auth import RpcError, TokenIssuer, decode_token
 
 __all__ = [
     "Broadcaster",
@@ -185,26 +185,10 @@ class RpcFaults:
             setattr(self, f.name, f.default)
 
 
-class _RpcError(Exception):
-    """An error answer in PostgREST's JSON shape."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str | None,
-        message: str,
-        details: str | None = None,
-        hint: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = {"code": code, "details": details, "hint": hint, "message": message}
-
-
 Listener = Callable[[str, str, dict[str, Any]], None]
 
 
-class RpcServer(LoopbackServer):
+class RpcServer(TokenIssuer, LoopbackServer):
     """PostgREST-style RPC server over an in-memory `project_files` table; async ctx manager.
 
     Args:
@@ -267,29 +251,6 @@ class RpcServer(LoopbackServer):
     def url(self) -> str:
         """The SUPABASE_URL-like root, e.g. http://127.0.0.1:PORT (RPCs under /rest/v1/rpc/)."""
         return self.base_url
-
-    # -- tokens --
-
-    def make_token(
-        self,
-        project_id: str | None,
-        *,
-        role: str = "authenticated",
-        exp_in: float = 3600,
-        **claims: Any,
-    ) -> str:
-        """An HS256 JWT for project_id with the given role and extra claims."""
-        now = int(time.time())
-        body: dict[str, Any] = {
-            "role": role,
-            "iat": now,
-            "exp": now + int(exp_in),
-            "aud": "authenticated" if role == "authenticated" else role,
-        }
-        if project_id is not None:
-            body["project_id"] = project_id
-        body.update(claims)
-        return jwt.encode(body, self.jwt_secret, algorithm="HS256")
 
     # -- Python API (editor side, tests) --
 
@@ -558,7 +519,7 @@ class RpcServer(LoopbackServer):
                 status = 0
                 return _drop(request)
             return web.json_response(result)
-        except _RpcError as exc:
+        except RpcError as exc:
             status = exc.status
             return web.json_response(exc.body, status=exc.status)
         finally:
@@ -567,7 +528,7 @@ class RpcServer(LoopbackServer):
     def _injected_failure(self) -> None:
         if self.faults.fail_first > 0:
             self.faults.fail_first -= 1
-            raise _RpcError(
+            raise RpcError(
                 self.faults.fail_status,
                 "PGRST000",
                 "Could not connect with the database due to an injected fault",
@@ -580,7 +541,7 @@ class RpcServer(LoopbackServer):
             path = _path_arg(args)
             ftype = args.get("p_file_type") or "text"
             if not isinstance(ftype, str):
-                raise _RpcError(400, "22P02", "invalid input syntax for p_file_type")
+                raise RpcError(400, "22P02", "invalid input syntax for p_file_type")
             data = _content_arg(args.get("p_content"), ftype)
             expected = _version_arg(args.get("expected_version"))
             version, digest = await self._upsert(project, path, data, ftype, expected, sender)
@@ -593,8 +554,9 @@ class RpcServer(LoopbackServer):
         if name == "report_local_change":
             report = args.get("payload")
             if not isinstance(report, dict):
-                raise _RpcError(400, "22023", "payload must be a JSON object")
-            # No seq: it changes no file (DB_INTERFACE: re-broadcast with the token's sender).
+                raise RpcError(400, "22023", "payload must be a JSON object")
+            # No seq: it changes no file; re-broadcast with the token's sender, as the migration's
+            # report_local_change does (sidecar/sql/001_sidecar.sql).
             await self._send_db(project, "file:local-change", {**report, "sender": sender})
             return None
         if name == "request_snapshot":
@@ -622,14 +584,14 @@ class RpcServer(LoopbackServer):
     def _authenticate(self, request: web.Request) -> dict[str, Any]:
         apikey = request.headers.get("apikey")
         if not apikey:
-            raise _RpcError(
+            raise RpcError(
                 401,
                 None,
                 "No API key found in request",
                 hint="No `apikey` request header or url param was found.",
             )
         if apikey != self.anon_key and not self._valid_jwt(apikey):
-            raise _RpcError(
+            raise RpcError(
                 401,
                 None,
                 "Invalid API key",
@@ -642,24 +604,14 @@ class RpcServer(LoopbackServer):
         try:
             claims = self._decode_jwt(token, require=["exp"])
         except jwt.ExpiredSignatureError:
-            raise _RpcError(401, "PGRST303", "JWT expired") from None
+            raise RpcError(401, "PGRST303", "JWT expired") from None
         except jwt.InvalidTokenError as exc:
-            raise _RpcError(401, "PGRST301", f"JWT invalid: {type(exc).__name__}") from None
+            raise RpcError(401, "PGRST301", f"JWT invalid: {type(exc).__name__}") from None
         return claims
 
     def _decode_jwt(self, token: str, require: list[str] | None = None) -> dict[str, Any]:
-        """Verified claims: HS256 with the secret, ES256/RS256 with the JWKS key of its `kid`."""
-        header = jwt.get_unverified_header(token)
-        key = signing_key(header, self.jwt_secret, self.jwt_jwks)
-        if key is None:
-            raise jwt.InvalidAlgorithmError(f"no key for alg {header.get('alg')!r}")
-        claims: dict[str, Any] = jwt.decode(
-            token,
-            key,
-            algorithms=[str(header.get("alg"))],
-            options={"verify_aud": False, "require": require or []},
-        )
-        return claims
+        """Verified claims (see `postgrest_auth.decode_token`)."""
+        return decode_token(token, self.jwt_secret, self.jwt_jwks, require=require or ())
 
     def _valid_jwt(self, token: str) -> bool:
         try:
@@ -673,31 +625,31 @@ class RpcServer(LoopbackServer):
         if role == "service_role":
             return
         if role != "authenticated" or claims.get("project_id") != project:
-            raise _RpcError(
+            raise RpcError(
                 403,
                 "42501",
                 f"permission denied for project {project}",
                 hint="the token's project_id claim must name this project",
             )
         if name in _WRITES and claims.get("read_only") is True:
-            raise _RpcError(403, "42501", f"permission denied: read-only token for {project}")
+            raise RpcError(403, "42501", f"permission denied: read-only token for {project}")
 
     async def _arguments(self, request: web.Request, name: str) -> dict[str, Any]:
         if name not in _SIGNATURES:
-            raise _RpcError(
+            raise RpcError(
                 404, "PGRST202", f"Could not find the function public.{name} in the schema cache"
             )
         try:
             args = await request.json()
         except (ValueError, UnicodeDecodeError):
-            raise _RpcError(400, "PGRST102", "Empty or invalid json") from None
+            raise RpcError(400, "PGRST102", "Empty or invalid json") from None
         if not isinstance(args, dict):
-            raise _RpcError(400, "PGRST102", "Empty or invalid json")
+            raise RpcError(400, "PGRST102", "Empty or invalid json")
         required, optional = _SIGNATURES[name]
         keys = set(args)
         if not required <= keys or not keys <= required | optional:
             listed = ", ".join(sorted(keys))
-            raise _RpcError(
+            raise RpcError(
                 404,
                 "PGRST202",
                 f"Could not find the function public.{name}({listed}) in the schema cache",
@@ -736,15 +688,6 @@ class RpcServer(LoopbackServer):
             setattr(self.faults, key, value)
         return web.json_response({f.name: getattr(self.faults, f.name) for f in fields(RpcFaults)})
 
-    async def _handle_token(self, request: web.Request) -> web.Response:
-        body = dict(await request.json())
-        project = body.pop("project_id", None)
-        role = str(body.pop("role", "authenticated"))
-        exp_in = float(body.pop("exp_in", 3600))
-        return web.json_response(
-            {"token": self.make_token(project, role=role, exp_in=exp_in, **body)}
-        )
-
     async def _handle_admin_upsert(self, request: web.Request) -> web.Response:
         body = await request.json()
         project, path = str(body["project_id"]), str(body["file_path"])
@@ -766,7 +709,7 @@ def _check_expected(path: str, expected: int | None, current: int) -> None:
         details = json.dumps(
             {"file_path": path, "expected_version": expected, "current_version": current}
         )
-        raise _RpcError(
+        raise RpcError(
             409,
             "PT409",
             "version conflict",
@@ -792,14 +735,14 @@ def _is_utf8(data: bytes) -> bool:
 def _str_arg(args: Mapping[str, Any], key: str) -> str:
     value = args.get(key)
     if not isinstance(value, str) or not value:
-        raise _RpcError(400, "22P02", f"invalid input syntax for {key}")
+        raise RpcError(400, "22P02", f"invalid input syntax for {key}")
     return value
 
 
 def _path_arg(args: Mapping[str, Any]) -> str:
     path = _str_arg(args, "p_file_path")
     if path.startswith("/") or "\x00" in path or ".." in path.split("/"):
-        raise _RpcError(400, "22023", f"invalid file path {path[:200]!r}")
+        raise RpcError(400, "22023", f"invalid file path {path[:200]!r}")
     return path
 
 
@@ -807,18 +750,18 @@ def _version_arg(value: object) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _RpcError(400, "22P02", "invalid input syntax for type integer (expected_version)")
+        raise RpcError(400, "22P02", "invalid input syntax for type integer (expected_version)")
     return value
 
 
 def _content_arg(value: object, file_type: str) -> bytes:
     if not isinstance(value, str):
-        raise _RpcError(400, "22P02", "p_content must be a string")
+        raise RpcError(400, "22P02", "p_content must be a string")
     if file_type == "binary":
         try:
             return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
-            raise _RpcError(400, "22P02", "p_content is not valid base64") from None
+            raise RpcError(400, "22P02", "p_content is not valid base64") from None
     return value.encode()
 
 
