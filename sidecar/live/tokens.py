@@ -200,8 +200,11 @@ class TokenSource:
                 watcher = watchfiles.awatch(
                     directory,
                     watch_filter=None,
-                    debounce=50,
-                    step=20,
+                    # watchfiles' Rust loop wakes (and takes the GIL) once per `step` even when
+                    # nothing changes: 250 ms is 4 wake-ups a second at rest instead of 50, and
+                    # a rotation is still seen within about half a second.
+                    debounce=500,
+                    step=250,
                     recursive=False,
                     rust_timeout=int(self._next_wait() * 1000),
                     yield_on_timeout=True,
