@@ -22,7 +22,7 @@ from typing import NoReturn, TypeVar
 import structlog
 
 from sidecar.config import Settings
-from sidecar.errors import ConfigError, HookFailedError, SnapshotUnavailableError
+from sidecar.errors import ConfigError, HookFailedError, SidecarError, SnapshotUnavailableError
 from sidecar.health import serve
 from sidecar.process.child import build_child_env, set_run_as
 from sidecar.process.identity import protect_private_files
@@ -112,7 +112,7 @@ class Sidecar:
         """Run the three phases and return the exit code.
 
         Raises what startup or the steady state raised (shutdown failures are then only
-        logged), else an ExceptionGroup of the shutdown failures, if any.
+        logged), else an ExceptionGroup of the shutdown failures that are bugs, if any.
         """
         try:
             c = await self.startup()
@@ -121,8 +121,12 @@ class Sidecar:
             await self.shutdown()
             raise
         failures = await self.shutdown()
-        if failures:
-            raise ExceptionGroup("shutdown failed", failures)
+        # Each failure is logged already. One of the environment (a full disk while the merge
+        # bases are saved, an OS refusal) does not replace the child's status, which is what the
+        # orchestrator acts on; anything else is a bug and ends as exit 70 (sidecar/errors.py).
+        bugs = [f for f in failures if not isinstance(f, SidecarError | OSError)]
+        if bugs:
+            raise ExceptionGroup("shutdown failed", bugs)
         code = self.exit_code(c)
         log.info("sidecar.stopped", exit_code=code)
         return code

@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from sidecar.app import Sidecar, _Teardown
 from sidecar.config import Settings
-from sidecar.errors import ConfigError
+from sidecar.errors import ConfigError, NoSpaceError
 from sidecar.live.subscription import Subscription
 from sidecar.process.child import Supervisor
 from sidecar.process.hooks import OnChangeHooks
@@ -118,6 +118,39 @@ async def test_sync_only_refuses_an_unhydrated_dir_and_still_tears_down(tmp_path
     assert "sidecar.stopping" in [e["event"] for e in logs]
     with pytest.raises(aiohttp.ClientConnectionError):
         await _get(sidecar, "/healthz")
+
+
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [
+        (NoSpaceError("/p/.sidecar/bases: no space left on device"), 128 + signal.SIGTERM),
+        (RuntimeError("a bug in a teardown step"), None),
+    ],
+)
+async def test_shutdown_fault_of_the_environment_keeps_the_childs_status(
+    tmp_path: Path, failure: Exception, code: int | None
+) -> None:
+    """A teardown step that fails for the environment (disk full) is logged and the exit code
+    stays the child's; a failure that is a bug is raised (exit 70 in the CLI)."""
+    async with Stack() as stack:
+        sidecar = Sidecar(_settings(stack, tmp_path / "p"), SLEEPER, hydrate_first=True)
+
+        async def fail_at_teardown() -> None:
+            await wait_for(lambda: _ready(sidecar), 20, "ready")
+
+            async def step() -> None:
+                raise failure
+
+            sidecar._teardown.push("bases", step)
+
+        with capture_logs() as logs:
+            if code is None:
+                with pytest.raises(ExceptionGroup) as info:
+                    await _serving(sidecar, fail_at_teardown)
+                assert info.group_contains(RuntimeError)
+            else:
+                assert await _serving(sidecar, fail_at_teardown) == code
+        assert ("sidecar.shutdown_failed", "bases") in [(e["event"], e.get("step")) for e in logs]
 
 
 async def test_teardown_runs_every_step_newest_first_and_collects_failures() -> None:
