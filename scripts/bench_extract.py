@@ -76,7 +76,7 @@ def run_writer(archive: Path, dest: Path, thread: bool) -> tuple[float, float, f
         "import sys, time\n"
         "from pathlib import Path\n"
         "from sidecar.config import Limits\n"
-        "from sidecar.snapshot.extract import SnapshotWriter, new_staging_dir\n"
+        "from sidecar.snapshot.writer import SnapshotWriter, new_staging_dir\n"
         "from sidecar.tree.project import ProjectTree\n"
         "from sidecar.tree.state import StateStore\n"
         "archive, dest = Path(sys.argv[1]), Path(sys.argv[2])\n"

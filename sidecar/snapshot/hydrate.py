@@ -41,7 +41,7 @@ from sidecar.errors import (
 )
 from sidecar.redact import redact, redact_url
 from sidecar.snapshot.download import DownloadResult, StopFlag, fetch, run_in_thread
-from sidecar.snapshot.extract import (
+from sidecar.snapshot.writer import (
     ManifestInPlaceError,
     PublishResult,
     SnapshotWriter,

@@ -63,7 +63,7 @@ async def test_hydrate_and_run_without_realtime_import_only_their_path(tmp_path:
         done = await _run(["hydrate"], env, tmp_path / "hydrate")
         assert done.returncode == 0, done.stderr
         mods = json.loads((tmp_path / "hydrate" / "exit.json").read_text())
-        assert "sidecar.snapshot.extract" in mods  # the wrapper saw the real hydration
+        assert "sidecar.snapshot.writer" in mods  # the wrapper saw the real hydration
         assert _loaded(mods, (*FORBIDDEN, "aiohttp", "prometheus_client")) == []
 
         env = base_env(stack, tmp_path / "ran", overrides={"REALTIME_URL": None})

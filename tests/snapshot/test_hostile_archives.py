@@ -14,7 +14,7 @@ import pytest
 
 from sidecar.config import Limits
 from sidecar.errors import ExitCode, QuotaExceededError, SnapshotInvalidError, UnsafePathError
-from sidecar.snapshot.extract import SnapshotWriter, new_staging_dir
+from sidecar.snapshot.writer import SnapshotWriter, new_staging_dir
 from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import StateStore
 

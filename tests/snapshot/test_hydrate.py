@@ -27,7 +27,7 @@ from sidecar.errors import (
 )
 from sidecar.metrics import Metrics
 from sidecar.snapshot.build import build_snapshot
-from sidecar.snapshot.extract import verify_tree
+from sidecar.snapshot.writer import verify_tree
 from sidecar.snapshot.hydrate import hydrate
 from sidecar.snapshot.manifest import Manifest
 from sidecar.snapshot.progress import Progress
