@@ -41,15 +41,10 @@ from sidecar.errors import (
 )
 from sidecar.redact import redact, redact_url
 from sidecar.snapshot.download import DownloadResult, StopFlag, fetch, run_in_thread
-from sidecar.snapshot.writer import (
-    ManifestInPlaceError,
-    PublishResult,
-    SnapshotWriter,
-    new_staging_dir,
-    verify_tree,
-)
 from sidecar.snapshot.manifest import FileEntry, Manifest
 from sidecar.snapshot.progress import Progress
+from sidecar.snapshot.publish import PublishResult, verify_tree
+from sidecar.snapshot.writer import ManifestInPlaceError, SnapshotWriter, new_staging_dir
 from sidecar.tree.fsio import STAGE_DIR_NAME, sweep_temp
 from sidecar.tree.preflight import check_dirs
 from sidecar.tree.project import ProjectTree

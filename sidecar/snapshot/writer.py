@@ -1,14 +1,20 @@
 """Streaming snapshot extraction: zstd + tar into a private staging dir, verified, then published.
 
 `SnapshotWriter` takes the compressed `.tar.zst` bytes chunk by chunk, checks every member against
-the manifest (the first member) and the limits while writing into staging, and `publish()`
-converges the project directory to the staged tree. `verify_tree` re-checks a published tree.
-Nothing outside the staging directory is touched before `publish()`.
+the manifest (the first member) and the limits while writing into staging, and `publish()` hands
+the staged tree to sidecar/snapshot/publish.py, which converges the project directory to it.
+Nothing outside the staging directory is touched before `publish()`. The zstd frame glue is in
+sidecar/snapshot/frames.py.
+
+`SnapshotWriter` stays one class of about 530 lines: its TarHandler callbacks (`begin`, `whole`,
+`data`, `end`) are the per-member hot loop, and they share the parser state (kinds, the
+manifest's entries, the "already on disk?" checks, the batch of file-system ops) through plain
+attributes; spreading that over several objects adds an attribute hop per member.
+`_FsWriter.execute` and `_Pipe` are the other half of the hot loop (the write thread).
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import queue
@@ -17,9 +23,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -28,7 +32,8 @@ import structlog
 import zstandard
 
 from sidecar.config import Limits
-from sidecar.errors import SidecarError, SnapshotInvalidError, UnsafePathError
+from sidecar.errors import SnapshotInvalidError, UnsafePathError
+from sidecar.snapshot.frames import DECOMPRESS_CHUNK, MAX_WINDOW_BYTES, Frames, Sink, window_error
 from sidecar.snapshot.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -38,36 +43,28 @@ from sidecar.snapshot.manifest import (
     decode_manifest,
     is_plain_path,
 )
+from sidecar.snapshot.publish import PublishResult, StagedTree, publish_staged
 from sidecar.snapshot.tarstream import BLOCK, MemberType, TarMember, TarReader
 from sidecar.tree.paths import STATE_DIR_NAME, check_rel_path, is_reserved
-from sidecar.tree.project import ProjectTree, snapshot_keeps
-from sidecar.tree.state import FileState, StateStore
+from sidecar.tree.project import ProjectTree
+from sidecar.tree.state import StateStore
 
 __all__ = [
-    "META_DIRS",
     "ManifestInPlaceError",
-    "PublishResult",
     "SnapshotWriter",
     "check_symlink_chains",
     "new_staging_dir",
-    "verify_tree",
 ]
 
 log = structlog.get_logger(component="extract")
 _sha256 = hashlib.sha256
 
-MAX_WINDOW_BYTES = 1 << 24  # zstd window (decoder memory); level 19 needs 8 MiB, --long more
 MAX_EXT_BYTES = 64 * 1024  # pax / GNU long-name data per member (paths are at most 4 KiB)
 MEMBER_OVERHEAD = 4096  # decompressed bytes allowed per member beyond its data (header, pax)
 DIR_OVERHEAD = 2048  # decompressed bytes allowed per directory member
 EXTRA_DIRS = 10_000  # directory members allowed beyond the manifest's own parent dirs
-DECOMPRESS_CHUNK = 1 << 18  # decompressed bytes handed to the tar reader at a time
 QUEUE_DEPTH = 4  # batches (each at most one decompressed chunk) queued for the writer thread
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_SYMLINK_MODE = stat.S_IFLNK | 0o777  # FileState.mode marker for symlinks
-# State meta: the directories of the published snapshot (the file rows do not imply the empty
-# ones), so that the next publish can remove those the new snapshot no longer has.
-META_DIRS = "snapshot_dirs"
 # How `tar -C dir .` names the root (the tar reader strips a directory's trailing slash).
 _ROOT_NAMES = frozenset({".", "./"})
 
@@ -106,147 +103,6 @@ def new_staging_dir(state_dir: Path) -> Path:
 class ManifestInPlaceError(Exception):
     """The manifest is byte for byte `known_manifest_sha256` (the tree in place): the writer
     stops there, so that the caller can verify the tree instead of downloading it again."""
-
-
-@dataclass(frozen=True, slots=True)
-class PublishResult:
-    """What `SnapshotWriter.publish` changed in the project directory."""
-
-    manifest: Manifest
-    written: int  # files and symlinks moved into place
-    unchanged: int  # files already holding the right bytes (at most a mode fix)
-    removed: int  # paths of the previous tree deleted
-    removed_dirs: int  # directories of the previous snapshot deleted (empty, not in this one)
-    bytes_written: int
-    seconds: float
-    kept: int = 0  # paths the state knows at a newer version than the snapshot's
-
-
-class _Sink:
-    """The object zstandard's stream_writer pushes decompressed bytes into."""
-
-    __slots__ = ("write",)
-
-    def __init__(self, write: Any) -> None:
-        self.write = write
-
-
-def window_error(window: int | None) -> SnapshotInvalidError:
-    """The refusal of a zstd frame whose window is over MAX_WINDOW_BYTES (`zstd --long`)."""
-    size = f"a {window / 1048576:,.0f} MiB" if window else "a larger"
-    return SnapshotInvalidError(
-        f"unsupported snapshot: its zstd frames need {size} window, over the "
-        f"{MAX_WINDOW_BYTES >> 20} MiB limit that bounds the sidecar's memory (compressed with "
-        "--long or --ultra); recompress it without --long: "
-        "zstd -d --long=31 -c in.tar.zst | zstd -c > out.tar.zst"
-    )
-
-
-class _Frames:
-    """Follows zstd frame boundaries in the compressed bytes, so a truncated stream is caught.
-
-    python-zstandard's streaming decoders do not say whether the last frame was complete.
-    """
-
-    _MAGIC, _FHD, _BLOCK_HDR, _SKIP_SIZE, _WINDOW = range(5)
-
-    def __init__(self) -> None:
-        self.frames = 0
-        self._want = 4
-        self._buf = bytearray()
-        self._field = self._MAGIC
-        self._skip = 0
-        self._after_skip = self._MAGIC  # field expected once the skip ends
-        self._checksum = False
-        self._last = False
-        self._rest = 0  # frame header bytes after the window descriptor
-
-    @property
-    def at_boundary(self) -> bool:
-        """True when the bytes so far end exactly after a complete frame."""
-        return self.frames > 0 and self._field == self._MAGIC and not self._buf and not self._skip
-
-    def feed(self, mv: memoryview) -> None:
-        pos, n = 0, len(mv)
-        while pos < n:
-            if self._skip:
-                take = min(n - pos, self._skip)
-                pos += take
-                self._skip -= take
-                if not self._skip:
-                    self._end_skip()
-                continue
-            take = min(self._want - len(self._buf), n - pos)
-            self._buf += mv[pos : pos + take]
-            pos += take
-            if len(self._buf) == self._want:
-                raw = bytes(self._buf)
-                self._buf.clear()
-                self._on_field(raw)
-
-    def _expect(self, field: int, size: int) -> None:
-        self._field, self._want = field, size
-
-    def _end_skip(self) -> None:
-        if self._after_skip == self._BLOCK_HDR:
-            self._expect(self._BLOCK_HDR, 3)
-        else:
-            self.frames += self._after_skip == -1
-            self._expect(self._MAGIC, 4)
-
-    def _skip_then(self, n: int, field: int) -> None:
-        self._after_skip = field
-        if n:
-            self._skip = n
-            self._field = -2  # inside a skip
-        else:
-            self._end_skip()
-
-    def _on_field(self, raw: bytes) -> None:
-        f = self._field
-        if f == self._MAGIC:
-            magic = int.from_bytes(raw, "little")
-            if magic == 0xFD2FB528:
-                self._expect(self._FHD, 1)
-            elif 0x184D2A50 <= magic <= 0x184D2A5F:
-                self._expect(self._SKIP_SIZE, 4)
-            else:
-                raise SnapshotInvalidError("corrupt snapshot: not a zstd stream (bad frame magic)")
-        elif f == self._FHD:
-            fhd = raw[0]
-            if fhd & 0x08:
-                raise SnapshotInvalidError(
-                    "corrupt snapshot: reserved bit set in zstd frame header"
-                )
-            single = bool(fhd & 0x20)
-            fcs = (0 if not single else 1, 2, 4, 8)[fhd >> 6]
-            self._checksum = bool(fhd & 0x04)
-            self._rest = (0, 1, 2, 4)[fhd & 3] + fcs  # dictionary id, content size
-            if single:
-                self._skip_then(self._rest, self._BLOCK_HDR)
-            else:
-                self._expect(self._WINDOW, 1)
-        elif f == self._WINDOW:
-            # Checked here, before the decoder sees the frame, to name the cause: python-zstandard
-            # only says "Frame requires too much memory for decoding".
-            exponent, mantissa = raw[0] >> 3, raw[0] & 7
-            base = 1 << (10 + exponent)
-            window = base + (base >> 3) * mantissa
-            if window > MAX_WINDOW_BYTES:
-                raise window_error(window)
-            self._skip_then(self._rest, self._BLOCK_HDR)
-        elif f == self._BLOCK_HDR:
-            hdr = int.from_bytes(raw, "little")
-            last, btype, size = hdr & 1, (hdr >> 1) & 3, hdr >> 3
-            if btype == 3:
-                raise SnapshotInvalidError("corrupt snapshot: reserved zstd block type")
-            content = 1 if btype == 1 else size
-            if not last:
-                self._skip_then(content, self._BLOCK_HDR)
-            else:
-                self._skip_then(content + (4 if self._checksum else 0), -1)
-        elif f == self._SKIP_SIZE:
-            self._skip_then(int.from_bytes(raw, "little"), self._MAGIC)
 
 
 # File-system operations the parser hands to the writer, as tuples (code, ...):
@@ -448,10 +304,10 @@ class SnapshotWriter:
         self._root = str(self.staging_dir) + "/"
         self._reserved_top = _staging_top(self.project_dir, self.staging_dir)
 
-        self._frames = _Frames()
+        self._frames = Frames()
         self._tar = TarReader(self, max_ext_bytes=MAX_EXT_BYTES)
         dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_BYTES)
-        sink: Any = _Sink(self._on_output)  # anything with write(); typed as IO[bytes] upstream
+        sink: Any = Sink(self._on_output)  # anything with write(); typed as IO[bytes] upstream
         self._zw: Any = dctx.stream_writer(sink, write_size=DECOMPRESS_CHUNK)
         self._budget = MAX_MANIFEST_BYTES + 2 * MAX_EXT_BYTES + 4 * BLOCK
 
@@ -894,195 +750,35 @@ class SnapshotWriter:
             return SnapshotInvalidError(f"{path!r} is both a file and a directory")
         return SnapshotInvalidError(f"{path!r} appears both as a file and a symlink")
 
-    # -- publishing --
+    # -- publishing (sidecar/snapshot/publish.py) --
 
     def publish(self, tree: ProjectTree, meta: Mapping[str, object] | None = None) -> PublishResult:
         """Converge project_dir to the staged tree, record it through `tree`, remove staging.
 
-        The caller holds `tree.lock` (sidecar/snapshot/hydrate.py does). Each file appears by
-        one atomic rename; files of the previous tree (per the state) that the snapshot no
-        longer has are deleted, and so are the directories the previous snapshot had
-        (`state.meta(META_DIRS)`) and this one has not, once empty; untracked files are left
-        alone unless they are in the way (a directory holding one stays). `.sidecar` is never
-        touched. `meta` is recorded in the same transaction as the tree. A path whose recorded
-        version is newer than the snapshot's (or a tombstone as new), or that was created
-        after the snapshot's seq, is kept as it is (sidecar/tree/project.py `snapshot_keeps`):
-        an older snapshot never rolls a path back.
+        The caller holds `tree.lock`. See `publish_staged` for what is moved, removed and kept
+        (an older snapshot never rolls a path back).
         """
         manifest = self.finish()
         if self._published:
             raise RuntimeError("snapshot already published")
-        t0 = time.monotonic()
-        state = tree.state
-        project = self.project_dir
-        project.mkdir(parents=True, exist_ok=True)
-        new_dirs = sorted(p for p, k in self._kinds.items() if k == "d")
-        snap_seq = manifest.seq
-        kept = {
-            p
-            for p, k in self._kinds.items()
-            if k != "d" and snapshot_keeps(state.get(p), self._files[p].version, snap_seq)
-        }
-        written = unchanged = removed = removed_dirs = 0
-        # Write-ahead: the state knows every directory this publish may create before it creates
-        # one, so that a publish killed half-way leaves none that a later one cannot remove.
-        recorded = state.meta(META_DIRS)
-        known = {d for d in recorded if isinstance(d, str)} if isinstance(recorded, list) else set()
-        if not known.issuperset(new_dirs):
-            state.update(meta={META_DIRS: sorted(known.union(new_dirs))})
-        if not kept and self._project_is_empty():
-            # Fresh project: moving the top-level entries moves the whole tree.
-            for entry in sorted(self.staging_dir.iterdir()):
-                entry.rename(project / entry.name)
-            written = sum(1 for k in self._kinds.values() if k != "d")
-        else:
-            for d in new_dirs:
-                _ensure_real_dir(project / d)
-            for path, kind in self._kinds.items():
-                if kind == "d":
-                    continue
-                dst = project / path
-                if path in kept:
-                    continue
-                if path in self._unchanged:
-                    unchanged += 1
-                    try:
-                        st = dst.lstat()
-                    except FileNotFoundError:
-                        log.warning("extract.unchanged_file_vanished", path=path)
-                        continue
-                    mode = self._files[path].mode
-                    if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != mode:
-                        dst.chmod(mode)
-                    continue
-                _clear_dir(dst)
-                _move(self.staging_dir / path, dst)
-                written += 1
-            removed = self._remove_stale(state, snap_seq)
-            removed_dirs = self._remove_stale_dirs(state.meta(META_DIRS))
-        # The staged tree has been moved: drop the bookkeeping before building the state rows
+        staged = StagedTree(
+            project_dir=self.project_dir,
+            staging_dir=self.staging_dir,
+            manifest=manifest,
+            kinds=self._kinds,
+            unchanged=self._unchanged,
+            reserved_top=self._reserved_top,
+            manifest_sha256=self._manifest_sha,
+            snapshot_sha256=self._sha_in.hexdigest() if self._sha_in is not None else None,
+            bytes_written=self._bytes_written,
+        )
+        return publish_staged(staged, tree, meta, moved=self._moved)
+
+    def _moved(self) -> None:
+        # The staged tree has been moved: drop the bookkeeping before the state rows are built
         # (lower peak memory; a second publish() is refused anyway).
         self._published = True
         self._kinds, self._unchanged, self._explicit_dirs, self._real_dirs = {}, set(), set(), set()
-        self._record(tree, manifest, kept, {**(meta or {}), META_DIRS: new_dirs})
-        del new_dirs
-        shutil.rmtree(self.staging_dir, ignore_errors=True)
-        seconds = round(time.monotonic() - t0, 3)
-        log.info(
-            "extract.published",
-            snapshot_id=manifest.snapshot_id,
-            written=written,
-            unchanged=unchanged,
-            removed=removed,
-            removed_dirs=removed_dirs,
-            kept=len(kept),
-            seconds=seconds,
-        )
-        return PublishResult(
-            manifest=manifest,
-            written=written,
-            unchanged=unchanged,
-            removed=removed,
-            removed_dirs=removed_dirs,
-            bytes_written=self._bytes_written,
-            seconds=seconds,
-            kept=len(kept),
-        )
-
-    def _project_is_empty(self) -> bool:
-        reserved = {STATE_DIR_NAME, self._reserved_top}
-        with os.scandir(self.project_dir) as it:
-            return all(e.name in reserved for e in it)
-
-    def _remove_stale(self, state: StateStore, snap_seq: int | None) -> int:
-        removed = 0
-        prune: set[str] = set()
-        for path, known in state.live().items():
-            if path in self._files or self._kinds.get(path) == "d" or is_reserved(path):
-                continue
-            if snapshot_keeps(known, None, snap_seq):
-                continue  # created after the snapshot was made
-            if not _parents_are_dirs(self.project_dir, path):
-                continue  # an ancestor was replaced by a file or symlink: already gone
-            dst = self.project_dir / path
-            try:
-                if stat.S_ISDIR(dst.lstat().st_mode):
-                    continue
-                dst.unlink()
-                removed += 1
-            except FileNotFoundError:
-                continue
-            parent = path.rpartition("/")[0]
-            while parent and parent not in prune:
-                prune.add(parent)
-                parent = parent.rpartition("/")[0]
-        for d in sorted(prune, key=lambda p: p.count("/"), reverse=True):
-            if self._kinds.get(d) == "d" or is_reserved(d):
-                continue
-            try:
-                (self.project_dir / d).rmdir()
-            except OSError:
-                pass  # not empty (untracked files) or already gone
-        return removed
-
-    def _remove_stale_dirs(self, old: object) -> int:
-        """rmdir the previous snapshot's directories that this one does not have, deepest first;
-        one still holding anything (an untracked file) stays, and so do its parents."""
-        if not isinstance(old, list):
-            return 0  # a state from before directories were recorded
-        kinds, top, removed = self._kinds, self._reserved_top, 0
-        stale = [d for d in old if isinstance(d, str) and d not in kinds]
-        for d in sorted(stale, key=lambda p: p.count("/"), reverse=True):
-            if is_reserved(d) or d.partition("/")[0] == top:
-                continue
-            if not _parents_are_dirs(self.project_dir, d):
-                continue  # an ancestor is now a file or symlink: d is already gone
-            try:
-                (self.project_dir / d).rmdir()  # a symlink is refused (ENOTDIR): never followed
-            except OSError:
-                continue  # not empty, already gone, or not a directory
-            removed += 1
-        return removed
-
-    def _record(
-        self,
-        tree: ProjectTree,
-        manifest: Manifest,
-        kept: set[str],
-        extra: Mapping[str, object],
-    ) -> None:
-        files = manifest.files
-        state = tree.state
-        seq = manifest.seq
-        old_items = state.items()  # taken now, before replace_all swaps the mirror
-
-        def rows() -> Iterator[tuple[str, FileState]]:
-            # A generator: replace_all builds its own dict, so no second copy of the tree.
-            for path, e in files.items():
-                old = state.get(path) if path in kept else None
-                if old is not None:
-                    yield path, old
-                    continue
-                mode = _SYMLINK_MODE if e.target is not None else e.mode
-                yield path, FileState(e.version, e.sha256, e.size, mode, seq)
-            for path, old in old_items:
-                if path in files:
-                    continue
-                if old.deleted or snapshot_keeps(old, None, seq):
-                    yield path, old
-                else:
-                    yield path, FileState(old.version, None, 0, old.mode, seq)
-
-        meta: dict[str, object] = {
-            "snapshot_id": manifest.snapshot_id,
-            "project_id": manifest.project_id,
-            "created_at": manifest.created_at,
-            "manifest_sha256": self._manifest_sha,
-            **extra,
-        }
-        if self._sha_in is not None:
-            meta["snapshot_sha256"] = self._sha_in.hexdigest()
-        tree.record_snapshot(rows(), meta, seq)
 
 
 def _staging_top(project_dir: Path, staging_dir: Path) -> str | None:
@@ -1103,123 +799,3 @@ def _current_umask() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0o777  # unknown: always fchmod
-
-
-def _ensure_real_dir(path: Path) -> None:
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        path.mkdir(0o755)
-        return
-    if stat.S_ISDIR(st.st_mode):
-        return
-    path.unlink()  # a file or symlink where the snapshot has a directory
-    path.mkdir(0o755)
-
-
-def _clear_dir(path: Path) -> None:
-    """Remove a real directory that stands where a file or symlink must go."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
-
-
-def _move(src: Path, dst: Path) -> None:
-    try:
-        src.replace(dst)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        # Staging on another filesystem: copy next to the target, then rename atomically.
-        tmp = dst.with_name(f".{dst.name}.sidecar-{os.urandom(4).hex()}")
-        if src.is_symlink():
-            tmp.symlink_to(src.readlink())
-        else:
-            shutil.copy2(src, tmp)
-        tmp.replace(dst)
-        src.unlink()
-
-
-def _parents_are_dirs(root: Path, rel: str) -> bool:
-    cur = root
-    for part in rel.split("/")[:-1]:
-        cur = cur / part
-        try:
-            if not stat.S_ISDIR(cur.lstat().st_mode):
-                return False
-        except FileNotFoundError:
-            return False
-    return True
-
-
-def verify_tree(project_dir: Path, state: StateStore, *, workers: int = 2) -> list[str]:
-    """Paths that `state` says exist but are missing or differ on disk (type, size, mode, sha256).
-
-    A file reached through a symlinked directory counts as damaged. Hashing runs on `workers`
-    threads (hashlib and reads release the GIL).
-    """
-    items = sorted(state.live().items())
-    root = str(project_dir) + "/"
-    real_dirs: set[str] = set()
-
-    def parents_ok(path: str) -> bool:
-        parent = path.rpartition("/")[0]
-        if not parent or parent in real_dirs:
-            return True
-        cur = ""
-        for part in parent.split("/"):
-            cur = f"{cur}/{part}" if cur else part
-            if cur not in real_dirs:
-                if not stat.S_ISDIR(os.lstat(root + cur).st_mode):
-                    return False
-                real_dirs.add(cur)
-        return True
-
-    def is_bad(path: str, known: FileState) -> bool:
-        try:
-            check_rel_path(path)
-            if not parents_ok(path):
-                return True
-            full = root + path
-            st = os.lstat(full)
-            if stat.S_ISLNK(known.mode):
-                if not stat.S_ISLNK(st.st_mode):
-                    return True
-                target = os.fsencode(Path(full).readlink())
-                return hashlib.sha256(target).hexdigest() != known.sha256
-            if (
-                not stat.S_ISREG(st.st_mode)
-                or st.st_size != known.size
-                or stat.S_IMODE(st.st_mode) != known.mode & 0o7777
-            ):
-                return True
-            return _file_sha256(full, st.st_size) != known.sha256
-        except (OSError, SidecarError):
-            return True
-
-    def run(part: list[tuple[str, FileState]]) -> list[str]:
-        return [path for path, known in part if is_bad(path, known)]
-
-    n = max(1, min(workers, len(items) // 64 or 1))
-    if n == 1:
-        return run(items)
-    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="sidecar-verify") as pool:
-        parts = list(pool.map(run, [items[i::n] for i in range(n)]))
-    return sorted(p for part in parts for p in part)
-
-
-def _file_sha256(path: str, size: int) -> str:
-    """sha256 of a regular file, read without following a symlink at the last component."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        if size <= DECOMPRESS_CHUNK:
-            return hashlib.sha256(os.read(fd, size + 1)).hexdigest()
-        h = hashlib.sha256()
-        while chunk := os.read(fd, DECOMPRESS_CHUNK):
-            h.update(chunk)
-        return h.hexdigest()
-    finally:
-        os.close(fd)

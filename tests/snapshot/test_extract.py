@@ -15,8 +15,9 @@ import zstandard
 from sidecar.config import Limits
 from sidecar.errors import QuotaExceededError, SnapshotInvalidError, UnsafePathError
 from sidecar.snapshot.build import build_snapshot
-from sidecar.snapshot.writer import PublishResult, SnapshotWriter, new_staging_dir, verify_tree
 from sidecar.snapshot.manifest import Manifest
+from sidecar.snapshot.publish import PublishResult, verify_tree
+from sidecar.snapshot.writer import SnapshotWriter, new_staging_dir
 from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import FileState, StateStore
 
@@ -478,7 +479,7 @@ def test_directories_of_an_interrupted_publish_are_removed_by_the_next_one(
     def killed(src: Path, dst: Path) -> None:
         raise OSError(5, "simulated crash in the middle of publishing")
 
-    monkeypatch.setattr("sidecar.snapshot.writer._move", killed)
+    monkeypatch.setattr("sidecar.snapshot.publish._move", killed)
     with pytest.raises(OSError, match="simulated crash"):
         extract(project, zst(v2.manifest_member() + v2.members() + deep_empty + EOA), state)
     monkeypatch.undo()

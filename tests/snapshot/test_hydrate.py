@@ -27,10 +27,10 @@ from sidecar.errors import (
 )
 from sidecar.metrics import Metrics
 from sidecar.snapshot.build import build_snapshot
-from sidecar.snapshot.writer import verify_tree
 from sidecar.snapshot.hydrate import hydrate
 from sidecar.snapshot.manifest import Manifest
 from sidecar.snapshot.progress import Progress
+from sidecar.snapshot.publish import verify_tree
 from sidecar.testing.snapshot_server import SnapshotServer
 from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import StateStore

@@ -18,7 +18,8 @@ import zstandard
 from sidecar.config import Limits
 from sidecar.errors import SnapshotInvalidError
 from sidecar.snapshot.build import build_snapshot
-from sidecar.snapshot.writer import SnapshotWriter, new_staging_dir, verify_tree
+from sidecar.snapshot.publish import verify_tree
+from sidecar.snapshot.writer import SnapshotWriter, new_staging_dir
 from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import StateStore
 
