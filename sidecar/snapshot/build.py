@@ -24,8 +24,13 @@ import structlog
 import zstandard
 
 from sidecar.errors import ConfigError, SnapshotInvalidError, UnsafePathError
-from sidecar.snapshot.manifest import MANIFEST_NAME, FileEntry, Manifest, check_link_target
-from sidecar.snapshot.writer import check_symlink_chains
+from sidecar.snapshot.manifest import (
+    MANIFEST_NAME,
+    FileEntry,
+    Manifest,
+    check_link_target,
+    check_symlink_chains,
+)
 from sidecar.tree.paths import STATE_DIR_NAME, check_rel_path
 
 __all__ = [

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import re
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from sidecar.config import Limits
 from sidecar.errors import QuotaExceededError, SidecarError, SnapshotInvalidError, UnsafePathError
+from sidecar.snapshot.tarstream import BLOCK
 from sidecar.tree.paths import MAX_PATH_BYTES, STATE_DIR_NAME, check_rel_path
 
 __all__ = [
     "MANIFEST_NAME",
+    "AdmittedManifest",
     "FileEntry",
     "Manifest",
+    "admit_manifest",
     "check_limits",
+    "check_symlink_chains",
     "decode_manifest",
     "is_plain_path",
 ]
@@ -293,3 +299,88 @@ def _check_no_file_dir_clash(files: Mapping[str, FileEntry]) -> None:
             parent = parent.rpartition("/")[0]
             if parent in files:
                 raise SnapshotInvalidError(f"{parent!r} is both a file and a directory")
+
+
+def check_symlink_chains(links: Mapping[str, str]) -> None:
+    """Raise UnsafePathError if a symlink (path -> target) resolves outside the root when the
+    other symlinks of the same tree are followed (`a -> d/l/..` with `d/l -> ..` escapes)."""
+    for path in links:
+        resolved = path.split("/")[:-1]  # a link's parents are real directories
+        parts = deque(links[path].split("/"))
+        hops = 0
+        while parts:
+            part = parts.popleft()
+            if part in {"", "."}:
+                continue
+            if part == "..":
+                if not resolved:
+                    raise UnsafePathError(f"symlink {path!r} resolves outside the project")
+                resolved.pop()
+                continue
+            resolved.append(part)
+            target = links.get("/".join(resolved))
+            if target is not None:
+                hops += 1
+                if hops > 40 or target.startswith("/"):
+                    raise UnsafePathError(f"symlink {path!r} loops or leaves the project")
+                resolved.pop()
+                parts.extendleft(reversed(target.split("/")))
+
+
+@dataclass(frozen=True, slots=True)
+class AdmittedManifest:
+    """A snapshot's manifest that passed `admit_manifest`, with the sizes that bound the stream."""
+
+    manifest: Manifest
+    archive_bytes: int  # tar data blocks its file members occupy
+    total_bytes: int  # the sum of its file sizes
+    parent_dirs: int  # distinct parent directories of its paths
+
+
+def admit_manifest(
+    raw: bytearray, limits: Limits, *, project_id: str | None, reserved_top: str | None
+) -> AdmittedManifest:
+    """Parse a snapshot's manifest member and check it before any file body is written.
+
+    Refuses (SnapshotInvalidError, UnsafePathError, QuotaExceededError) a manifest for another
+    project, a symlink entry whose size and sha256 are not its target's, a path inside the
+    sidecar's state directory (`reserved_top`, the project's top-level entry holding staging),
+    a symlink chain that leaves the project, and one over `limits`. Clears `raw` once decoded.
+    """
+    text = decode_manifest(raw)
+    raw.clear()  # release the bytes before the entries are built (lower peak memory)
+    manifest = Manifest.parse(text)
+    del text
+    if project_id is not None and manifest.project_id != project_id:
+        raise SnapshotInvalidError(
+            f"snapshot is for project {manifest.project_id!r}, not {project_id!r}"
+        )
+    files = manifest.files
+    links: dict[str, str] = {}
+    data = total = 0  # archive bytes the file members occupy; their sizes
+    for entry in files.values():
+        size = entry.size
+        total += size
+        data += size + (-size % BLOCK)
+        if entry.target is not None:
+            target = entry.target.encode()
+            if entry.sha256 != hashlib.sha256(target).hexdigest() or size != len(target):
+                raise SnapshotInvalidError(
+                    f"manifest entry {entry.path!r}: a symlink's size and sha256 must be "
+                    "those of its target"
+                )
+            links[entry.path] = entry.target
+    top = reserved_top
+    if top is not None and top != STATE_DIR_NAME:  # Manifest.parse refuses .sidecar already
+        for p in files:
+            if p == top or p.startswith(top + "/"):
+                raise UnsafePathError(f"{p!r} is inside the sidecar's state directory")
+    check_symlink_chains(links)
+    check_limits(files.values(), limits)
+    ancestors: set[str] = set()
+    for p in files:
+        p = p.rpartition("/")[0]
+        while p and p not in ancestors:
+            ancestors.add(p)
+            p = p.rpartition("/")[0]
+    return AdmittedManifest(manifest, data, total, len(ancestors))

@@ -4,13 +4,13 @@
 the manifest (the first member) and the limits while writing into staging, and `publish()` hands
 the staged tree to sidecar/snapshot/publish.py, which converges the project directory to it.
 Nothing outside the staging directory is touched before `publish()`. The zstd frame glue is in
-sidecar/snapshot/frames.py.
+sidecar/snapshot/frames.py, the manifest's admission checks in sidecar/snapshot/manifest.py.
 
-`SnapshotWriter` stays one class of about 530 lines: its TarHandler callbacks (`begin`, `whole`,
+`SnapshotWriter` stays one class of about 470 lines: its TarHandler callbacks (`begin`, `whole`,
 `data`, `end`) are the per-member hot loop, and they share the parser state (kinds, the
-manifest's entries, the "already on disk?" checks, the batch of file-system ops) through plain
-attributes; spreading that over several objects adds an attribute hop per member.
-`_FsWriter.execute` and `_Pipe` are the other half of the hot loop (the write thread).
+manifest's entries, the batch of file-system ops) through plain attributes; spreading that over
+more objects adds an attribute hop per member. `_FsWriter.execute` and `_Pipe` are the other
+half of the hot loop (the write thread).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import shutil
 import stat
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -39,22 +38,16 @@ from sidecar.snapshot.manifest import (
     MAX_MANIFEST_BYTES,
     FileEntry,
     Manifest,
-    check_limits,
-    decode_manifest,
+    admit_manifest,
     is_plain_path,
 )
 from sidecar.snapshot.publish import PublishResult, StagedTree, publish_staged
 from sidecar.snapshot.tarstream import BLOCK, MemberType, TarMember, TarReader
-from sidecar.tree.paths import STATE_DIR_NAME, check_rel_path, is_reserved
+from sidecar.tree.paths import check_rel_path, is_reserved
 from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import StateStore
 
-__all__ = [
-    "ManifestInPlaceError",
-    "SnapshotWriter",
-    "check_symlink_chains",
-    "new_staging_dir",
-]
+__all__ = ["ManifestInPlaceError", "SnapshotWriter", "new_staging_dir"]
 
 log = structlog.get_logger(component="extract")
 _sha256 = hashlib.sha256
@@ -67,32 +60,6 @@ QUEUE_DEPTH = 4  # batches (each at most one decompressed chunk) queued for the 
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # How `tar -C dir .` names the root (the tar reader strips a directory's trailing slash).
 _ROOT_NAMES = frozenset({".", "./"})
-
-
-def check_symlink_chains(links: Mapping[str, str]) -> None:
-    """Raise UnsafePathError if a symlink (path -> target) resolves outside the root when the
-    other symlinks of the same tree are followed (`a -> d/l/..` with `d/l -> ..` escapes)."""
-    for path in links:
-        resolved = path.split("/")[:-1]  # a link's parents are real directories
-        parts = deque(links[path].split("/"))
-        hops = 0
-        while parts:
-            part = parts.popleft()
-            if part in {"", "."}:
-                continue
-            if part == "..":
-                if not resolved:
-                    raise UnsafePathError(f"symlink {path!r} resolves outside the project")
-                resolved.pop()
-                continue
-            resolved.append(part)
-            target = links.get("/".join(resolved))
-            if target is not None:
-                hops += 1
-                if hops > 40 or target.startswith("/"):
-                    raise UnsafePathError(f"symlink {path!r} loops or leaves the project")
-                resolved.pop()
-                parts.extendleft(reversed(target.split("/")))
 
 
 def new_staging_dir(state_dir: Path) -> Path:
@@ -246,6 +213,50 @@ def _digest_error(path: str) -> SnapshotInvalidError:
     return SnapshotInvalidError(f"{path!r}: content does not match the manifest sha256")
 
 
+class _OnDisk:
+    """Whether the project already holds a file's bytes: the state says so (same sha256, not
+    listed as damaged), its parents are real directories and the file is a regular one of the
+    right size. Such a file is hashed from the stream but not rewritten."""
+
+    def __init__(self, project_dir: Path, state: StateStore, damaged: Collection[str]) -> None:
+        self._project_dir = project_dir
+        self._state = state
+        self._damaged = frozenset(damaged)
+        self._real_dirs: set[str] = set()  # project dirs checked to be real directories
+
+    def has(self, path: str, entry: FileEntry) -> bool:
+        if path in self._damaged:
+            return False
+        known = self._state.get(path)
+        if known is None or known.sha256 != entry.sha256:
+            return False
+        if not self._real_parents(path):
+            return False
+        try:
+            st = (self._project_dir / path).lstat()
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_size == entry.size
+
+    def _real_parents(self, path: str) -> bool:
+        """True when every parent of path in the project is a real directory (no symlinks)."""
+        parent = path.rpartition("/")[0]
+        if not parent or parent in self._real_dirs:
+            return True
+        cur = ""
+        for part in parent.split("/"):
+            cur = f"{cur}/{part}" if cur else part
+            if cur in self._real_dirs:
+                continue
+            try:
+                if not stat.S_ISDIR((self._project_dir / cur).lstat().st_mode):
+                    return False
+            except OSError:
+                return False
+            self._real_dirs.add(cur)
+        return True
+
+
 class SnapshotWriter:
     """Consumes the compressed .tar.zst bytes chunk by chunk (sync; run it in a worker thread).
 
@@ -287,10 +298,8 @@ class SnapshotWriter:
         self.bytes_in = 0
         self.bytes_out = 0
         self.files_done = 0
-        self._state = state
         self._expected_sha = expected_sha256.lower() if expected_sha256 else None
         self._project_id = project_id
-        self._damaged = frozenset(damaged)
         self._known_manifest = known_manifest_sha256
         self._sha_in = hashlib.sha256() if expected_sha256 else None
         self._error: BaseException | None = None
@@ -316,7 +325,6 @@ class SnapshotWriter:
         self._kinds: dict[str, str] = {}  # path -> "d" | "f" | "l" as staged
         self._explicit_dirs: set[str] = set()
         self._unchanged: set[str] = set()
-        self._real_dirs: set[str] = set()  # project dirs checked to be real directories
         self._max_dirs = 0
         self._root_seen = False  # a `./` directory member was read
         self._manifest_buf: bytearray | None = None
@@ -326,7 +334,11 @@ class SnapshotWriter:
         self._hash: Any = None  # ... its running sha256 (only when skipped)
         self._cur: FileEntry | None = None
         # The state knows files: worth asking whether each one is already in place.
-        self._known = state is not None and any(True for _ in state.items())
+        self._on_disk = (
+            _OnDisk(self.project_dir, state, damaged)
+            if state is not None and any(True for _ in state.items())
+            else None
+        )
         self._bytes_written = 0
         self._ops: list[tuple[Any, ...]] = []  # file-system work for the current chunk
         self._fs = _FsWriter(self._root, _current_umask())
@@ -569,47 +581,15 @@ class SnapshotWriter:
         self._manifest_sha = hashlib.sha256(raw).hexdigest()
         if self._manifest_sha == self._known_manifest:
             raise ManifestInPlaceError(self._manifest_sha)
-        text = decode_manifest(raw)
-        raw.clear()  # release the bytes before the entries are built (lower peak memory)
-        manifest = Manifest.parse(text)
-        del text
-        if self._project_id is not None and manifest.project_id != self._project_id:
-            raise SnapshotInvalidError(
-                f"snapshot is for project {manifest.project_id!r}, not {self._project_id!r}"
-            )
+        admitted = admit_manifest(
+            raw, self.limits, project_id=self._project_id, reserved_top=self._reserved_top
+        )
+        manifest = admitted.manifest
         files = manifest.files
-        links: dict[str, str] = {}
-        data = total = 0  # archive bytes the file members occupy; their sizes
-        for entry in files.values():
-            size = entry.size
-            total += size
-            data += size + (-size % BLOCK)
-            if entry.target is not None:
-                target = entry.target.encode()
-                if entry.sha256 != hashlib.sha256(target).hexdigest() or size != len(target):
-                    raise SnapshotInvalidError(
-                        f"manifest entry {entry.path!r}: a symlink's size and sha256 must be "
-                        "those of its target"
-                    )
-                links[entry.path] = entry.target
-        top = self._reserved_top
-        if top is not None and top != STATE_DIR_NAME:  # Manifest.parse refuses .sidecar already
-            for p in files:
-                if p == top or p.startswith(top + "/"):
-                    raise UnsafePathError(f"{p!r} is inside the sidecar's state directory")
-        check_symlink_chains(links)
-        check_limits(files.values(), self.limits)
-        ancestors: set[str] = set()
-        for p in files:
-            p = p.rpartition("/")[0]
-            while p and p not in ancestors:
-                ancestors.add(p)
-                p = p.rpartition("/")[0]
-        self._max_dirs = len(ancestors) + EXTRA_DIRS
-        del ancestors
+        self._max_dirs = admitted.parent_dirs + EXTRA_DIRS
         self._budget = (
             self.bytes_out
-            + data
+            + admitted.archive_bytes
             + len(files) * MEMBER_OVERHEAD
             + self._max_dirs * DIR_OVERHEAD
             + (1 << 20)
@@ -617,7 +597,10 @@ class SnapshotWriter:
         self._files = files
         self.manifest = manifest
         log.debug(
-            "extract.manifest", snapshot_id=manifest.snapshot_id, files=len(files), bytes=total
+            "extract.manifest",
+            snapshot_id=manifest.snapshot_id,
+            files=len(files),
+            bytes=admitted.total_bytes,
         )
 
     def _begin_file(self, path: str, entry: FileEntry, size: int) -> None:
@@ -653,44 +636,11 @@ class SnapshotWriter:
         if parent and self._kinds.get(parent) != "d":
             self._ensure_parents(path)
         self._kinds[path] = "f"
-        if self._known and self._is_unchanged(path, entry):
+        if self._on_disk is not None and self._on_disk.has(path, entry):
             self._unchanged.add(path)
             return True
         self._bytes_written += size
         return False
-
-    def _is_unchanged(self, path: str, entry: FileEntry) -> bool:
-        assert self._state is not None
-        if path in self._damaged:
-            return False
-        known = self._state.get(path)
-        if known is None or known.sha256 != entry.sha256:
-            return False
-        if not self._real_parents(path):
-            return False
-        try:
-            st = (self.project_dir / path).lstat()
-        except OSError:
-            return False
-        return stat.S_ISREG(st.st_mode) and st.st_size == entry.size
-
-    def _real_parents(self, path: str) -> bool:
-        """True when every parent of path in the project is a real directory (no symlinks)."""
-        parent = path.rpartition("/")[0]
-        if not parent or parent in self._real_dirs:
-            return True
-        cur = ""
-        for part in parent.split("/"):
-            cur = f"{cur}/{part}" if cur else part
-            if cur in self._real_dirs:
-                continue
-            try:
-                if not stat.S_ISDIR((self.project_dir / cur).lstat().st_mode):
-                    return False
-            except OSError:
-                return False
-            self._real_dirs.add(cur)
-        return True
 
     def _add_dir(self, path: str) -> None:
         if path in self._explicit_dirs:
@@ -778,7 +728,7 @@ class SnapshotWriter:
         # The staged tree has been moved: drop the bookkeeping before the state rows are built
         # (lower peak memory; a second publish() is refused anyway).
         self._published = True
-        self._kinds, self._unchanged, self._explicit_dirs, self._real_dirs = {}, set(), set(), set()
+        self._kinds, self._unchanged, self._explicit_dirs, self._on_disk = {}, set(), set(), None
 
 
 def _staging_top(project_dir: Path, staging_dir: Path) -> str | None:
