@@ -48,7 +48,8 @@ if TYPE_CHECKING:
     from sidecar.live.tokens import TokenSource
     from sidecar.process.hooks import OnChangeHooks
     from sidecar.snapshot.manifest import Manifest
-    from sidecar.twoway.localsync import Conflict, LocalSync
+    from sidecar.twoway.conflicts import Conflict
+    from sidecar.twoway.localsync import LocalSync
     from sidecar.twoway.upstream import Upstream
 
 __all__ = [

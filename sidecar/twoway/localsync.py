@@ -31,12 +31,10 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import re
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,188 +50,34 @@ from sidecar.tree import fsio
 from sidecar.tree.paths import resolve_inside
 from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import FileState
-from sidecar.twoway.merge import is_text, merge3, unified_diff
+from sidecar.twoway.bases import DEFAULT_BASE_MAX_BYTES, BaseStore
+from sidecar.twoway.conflicts import (
+    Conflict,
+    Decision,
+    Resolution,
+    Side,
+    decide_push,
+    decide_remote,
+    same_change,
+    save_aside,
+)
+from sidecar.twoway.merge import is_text, unified_diff
 from sidecar.twoway.upstream import ConflictError, RemoteFile, Upstream, UpstreamError
 from sidecar.twoway.watcher import LocalChange, Watcher, _examine
 
 __all__ = [
-    "BaseStore",
-    "Conflict",
     "LocalSync",
     "Outcome",
-    "conflict_name",
 ]
 
 log = structlog.get_logger(component="localsync")
 
 Outcome = Literal["unchanged", "reported", "pushed", "conflict", "refused", "failed"]
-Resolution = Literal["remote-kept", "local-kept", "merged"]
 SendFn = Callable[[str, dict[str, Any]], Awaitable[None]]
 
-DEFAULT_BASE_MAX_BYTES = 1024 * 1024
-DEFAULT_BASE_MEMORY_BYTES = 32 * 1024 * 1024
 MAX_DIFF_BYTES = 128 * 1024  # keeps file:local-change under the Realtime payload limits
 MAX_CONFLICT_ROUNDS = 5
 GC_EVERY_PUTS = 256  # base copies written between two clean-ups of unreferenced ones
-_SESSION_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
-
-
-@dataclass(frozen=True, slots=True)
-class Conflict:
-    """One conflict and how it was resolved; `saved` is the losing copy (relative to state_dir)."""
-
-    path: str
-    policy: str
-    resolution: Resolution
-    origin: Literal["push", "remote"]  # found by our push, or by a remote update
-    local_hash: str | None
-    remote_hash: str | None
-    remote_version: int | None
-    base_version: int | None
-    saved: str | None
-    timestamp: float
-
-    def to_json(self) -> dict[str, Any]:
-        """The record as /status and `file:conflict` show it."""
-        out = asdict(self)
-        out["timestamp"] = int(self.timestamp * 1000)
-        return out
-
-
-class BaseStore:
-    """Last synced bytes of text files, by sha256: a memory LRU in front of
-    `root/<sha[:2]>/<sha256>` files.
-
-    Copies of remote updates go to memory only (`persist=False`): a storm of updates costs no
-    extra disk writes. An entry superseded by a newer version of its path is dropped; one
-    evicted from memory while still possibly needed is written to disk, as is everything on
-    `flush()` and every `persist=True` put.
-    """
-
-    def __init__(
-        self,
-        root: Path,
-        max_bytes: int = DEFAULT_BASE_MAX_BYTES,
-        memory_bytes: int = DEFAULT_BASE_MEMORY_BYTES,
-    ) -> None:
-        self.root = root
-        self.max_bytes = max_bytes
-        self.memory_bytes = memory_bytes
-        self.puts = 0  # disk copies written since the last gc
-        self._mem: OrderedDict[str, bytes] = OrderedDict()
-        self._mem_size = 0
-
-    def _path(self, sha: str) -> Path:
-        return self.root / sha[:2] / sha
-
-    def has(self, sha: str) -> bool:
-        """True when the bytes with this sha256 are kept."""
-        return sha in self._mem or self._path(sha).is_file()
-
-    def get(self, sha: str | None) -> bytes | None:
-        """The bytes whose sha256 is sha, or None (not kept, or damaged)."""
-        if not sha:
-            return None
-        data = self._mem.get(sha)
-        if data is not None:
-            self._mem.move_to_end(sha)
-            return data
-        try:
-            data = self._path(sha).read_bytes()
-        except OSError:
-            return None
-        return data if hashlib.sha256(data).hexdigest() == sha else None
-
-    def put(
-        self,
-        data: bytes,
-        sha: str | None = None,
-        *,
-        persist: bool = False,
-        replaces: str | None = None,
-    ) -> None:
-        """Keep data if it is text within the size cap (idempotent).
-
-        `replaces`: the sha256 this version supersedes (dropped from memory).
-        """
-        if replaces and replaces != sha:
-            self._drop(replaces)
-        if len(data) > self.max_bytes:
-            return
-        sha = sha or hashlib.sha256(data).hexdigest()
-        if sha in self._mem:
-            self._mem.move_to_end(sha)
-            if persist:
-                self._write(sha, data)
-            return
-        if not is_text(data):
-            return
-        if persist:
-            self._write(sha, data)
-            return
-        if self._path(sha).is_file():
-            return
-        self._mem[sha] = data
-        self._mem_size += len(data)
-        while self._mem_size > self.memory_bytes and len(self._mem) > 1:
-            old, old_data = self._mem.popitem(last=False)
-            self._mem_size -= len(old_data)
-            self._write(old, old_data)
-
-    def flush(self, keep: set[str] | None = None) -> int:
-        """Move the copies held in memory to disk (only those in keep, if given); the count."""
-        n = 0
-        while self._mem:
-            sha, data = self._mem.popitem(last=False)
-            self._mem_size -= len(data)
-            if keep is None or sha in keep:
-                n += self._write(sha, data)
-        return n
-
-    def gc(self, keep: set[str]) -> int:
-        """Remove every kept copy whose sha256 is not in keep; the number removed."""
-        removed = 0
-        self.puts = 0
-        for sha in [s for s in self._mem if s not in keep]:
-            self._drop(sha)
-        if not self.root.is_dir():
-            return 0
-        for sub in self.root.iterdir():
-            if not sub.is_dir():
-                continue
-            for f in sub.iterdir():
-                if f.name not in keep:
-                    with contextlib.suppress(OSError):
-                        f.unlink()
-                        removed += 1
-        return removed
-
-    def _drop(self, sha: str) -> None:
-        data = self._mem.pop(sha, None)
-        if data is not None:
-            self._mem_size -= len(data)
-
-    def _write(self, sha: str, data: bytes) -> int:
-        target = self._path(sha)
-        if target.is_file():
-            return 0
-        self.puts += 1
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = fsio.write_temp(target.parent, sha, data, 0o600)
-        tmp.replace(target)
-        return 1
-
-
-def conflict_name(rel: str, when: float, session_id: str) -> str:
-    """`dir/name.sync-conflict-YYYYMMDD-HHMMSS-session.ext` for rel (Syncthing's pattern)."""
-    directory, _, name = rel.rpartition("/")
-    stamp = datetime.fromtimestamp(when, UTC).strftime("%Y%m%d-%H%M%S")
-    session = _SESSION_SAFE.sub("_", session_id)[:40] or "local"
-    stem, dot, ext = name.rpartition(".")
-    if not dot or not stem:  # no extension, or a dotfile such as .env
-        stem, ext = name, ""
-    out = f"{stem}.sync-conflict-{stamp}-{session}" + (f".{ext}" if ext else "")
-    return f"{directory}/{out}" if directory else out
 
 
 class LocalSync:
@@ -552,35 +396,55 @@ class LocalSync:
         data: bytes | None,
         conflict: Conflict | None,
     ) -> _Step:
-        """Decide what to do after a version conflict on push, by policy."""
+        """Carry out `decide_push` after a version conflict on push (`data`: what we pushed)."""
         h_version = head.version if head is not None else 0
         h_data = head.content if head is not None else None
         if h_data == data:
             # Both sides hold the same bytes (or both deleted): nothing to resolve.
             return _Step(finish=(h_version, h_data))
-        policy = self.policy
-        if policy == "merge":
-            merged = self._merge(ch, h_data)
-            if merged is not None:
-                new = (
-                    None
-                    if conflict is not None
-                    else self._record_conflict(ch, "merged", "push", h_data, h_version, saved=None)
-                )
-                if merged == h_data:
-                    return _Step(conflict=new, finish=(h_version, h_data))
-                return _Step(conflict=new, data=merged, expected=h_version)
-            policy = "remote-wins"
-        if policy == "remote-wins":
-            saved = self._save_aside(ch.path, ch.data) if ch.data is not None else None
-            new = self._record_conflict(ch, "remote-kept", "push", h_data, h_version, saved)
-            return _Step(conflict=new, finish=(h_version, h_data))
-        # local-wins: keep ours, save theirs, push again over the new head.
-        saved = self._save_aside(ch.path, h_data) if h_data is not None else None
+        head_side = Side(deleted=head is None, data=h_data)
+        d = decide_push(self.policy, self._side(ch), head_side, self._base_of(ch))
+        self._log_fallback(ch, d)
+        if d.resolution is None:
+            return _Step(finish=(h_version, h_data))
+        saved = self._save_decided(ch, d, h_data, copy=False)
+        # A later round of the same push records its conflict only once (remote-kept ends it).
         new = None
-        if conflict is None:
-            new = self._record_conflict(ch, "local-kept", "push", h_data, h_version, saved)
+        if conflict is None or d.resolution == "remote-kept":
+            new = self._record_conflict(ch, d.resolution, "push", h_data, h_version, saved)
+        if d.winner == "remote":
+            return _Step(conflict=new, finish=(h_version, h_data))
+        if d.winner == "merged":
+            return _Step(conflict=new, data=d.merged, expected=h_version)
         return _Step(conflict=new, data=data, expected=h_version)
+
+    def _side(self, ch: LocalChange) -> Side:
+        return Side(deleted=ch.deleted, data=ch.data, sha256=ch.sha256)
+
+    def _base_of(self, ch: LocalChange) -> bytes | None:
+        """The last synced bytes of ch's path (the merge base), when known and kept."""
+        if ch.known is None or ch.known.deleted:
+            return None
+        return self.bases.get(ch.known.sha256)
+
+    def _log_fallback(self, ch: LocalChange, d: Decision) -> None:
+        if d.why == "no base":
+            base_version = ch.known.version if ch.known is not None else None
+            log.info("localsync.merge_no_base", path=ch.path, base_version=base_version)
+        elif d.why == "merge conflicted":
+            log.info("localsync.merge_conflicted", path=ch.path)
+
+    def _save_decided(
+        self, ch: LocalChange, d: Decision, remote: bytes | None, *, copy: bool
+    ) -> str | None:
+        """Save the losing side `d` names; copy: read the local file when ch holds no bytes."""
+        if d.save_aside == "remote":
+            return self._save_aside(ch.path, remote)
+        if d.save_aside == "local":
+            if ch.data is not None:
+                return self._save_aside(ch.path, ch.data)
+            return self._copy_aside(ch.path) if copy else None
+        return None
 
     async def _settle(self, ch: LocalChange, data: bytes | None, version: int) -> None:
         """Record `version` = data as synced; write data to disk if it is not what ch read.
@@ -643,40 +507,36 @@ class LocalSync:
                 self.bases.put(remote, change.content_hash, replaces=old)
             return True
         r_hash = change.content_hash if change.action == "update" else None
-        if (ch.deleted and change.action == "delete") or (
-            ch.sha256 is not None and ch.sha256 == r_hash
-        ):
+        local = self._side(ch)
+        if same_change(local, Side(change.action == "delete", None, r_hash)):
             return True  # both sides made the same change
         if change.action == "update" and remote is None and change.content_url:
             # Only a real conflict needs the remote bytes here (merge, save aside): without a
             # local edit the Applier's own download is the only one.
             remote = await self._fetch(change)
-        policy = self.policy
-        if policy == "merge":
-            merged = self._merge(ch, remote) if change.action == "update" else None
-            if merged is not None and remote is not None:
-                if merged == remote:
-                    return True  # the remote already holds the local edit
-                if await self._write_local(ch, merged):
-                    self._record_conflict(
-                        ch, "merged", "remote", remote, change.version, None, remote_hash=r_hash
-                    )
-                    self._note_seen(change, remote, ch)
-                    self.enqueue([rel])
-                    return False
-            policy = "remote-wins"
-        if policy == "remote-wins":
-            saved = (
-                self._save_aside(rel, ch.data)
-                if ch.data is not None
-                else (self._copy_aside(rel) if not ch.deleted else None)
-            )
+        remote_side = Side(change.action == "delete", remote, r_hash)
+        d = decide_remote(self.policy, local, remote_side, self._base_of(ch))
+        self._log_fallback(ch, d)
+        if d.winner == "merged":
+            assert d.merged is not None
+            assert remote is not None
+            if await self._write_local(ch, d.merged):
+                self._record_conflict(
+                    ch, "merged", "remote", remote, change.version, None, remote_hash=r_hash
+                )
+                self._note_seen(change, remote, ch)
+                self.enqueue([rel])
+                return False
+            d = decide_remote("remote-wins", local, remote_side, None)
+        if d.resolution is None:
+            return True
+        saved = self._save_decided(ch, d, remote, copy=True)
+        if d.winner == "remote":
             self._record_conflict(
                 ch, "remote-kept", "remote", remote, change.version, saved, remote_hash=r_hash
             )
             self._reported.pop(rel, None)
             return True
-        saved = self._save_aside(rel, remote) if remote is not None else None
         if remote is None and change.action == "update":
             log.warning(
                 "localsync.remote_not_saved",
@@ -757,20 +617,6 @@ class LocalSync:
             removed = await asyncio.to_thread(self.bases.gc, keep)
         log.info("localsync.bases_seeded", seeded=seeded, removed=removed)
         return seeded
-
-    def _merge(self, ch: LocalChange, remote: bytes | None) -> bytes | None:
-        """A clean three-way merge of ch against remote, or None."""
-        if ch.data is None or remote is None or ch.known is None or ch.known.deleted:
-            return None
-        base = self.bases.get(ch.known.sha256)
-        if base is None:
-            log.info("localsync.merge_no_base", path=ch.path, base_version=ch.known.version)
-            return None
-        result = merge3(base, ch.data, remote)
-        if not result.clean:
-            log.info("localsync.merge_conflicted", path=ch.path)
-            return None
-        return result.merged
 
     def _quota_refusal(self, ch: LocalChange) -> str | None:
         if ch.deleted:
@@ -882,12 +728,8 @@ class LocalSync:
     def _save_aside(self, rel: str, data: bytes | None) -> str | None:
         if data is None:
             return None
-        name = self._conflict_target(rel)
-        target = self.conflicts_dir / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = fsio.write_temp(target.parent, target.name, data, 0o644)
-        tmp.replace(target)
-        return (target.relative_to(self.state_dir)).as_posix()
+        target = save_aside(self.conflicts_dir, rel, data, self.session_id, time.time())
+        return target.relative_to(self.state_dir).as_posix()
 
     def _copy_aside(self, rel: str) -> str | None:
         try:
@@ -895,15 +737,6 @@ class LocalSync:
         except OSError:
             return None
         return self._save_aside(rel, data)
-
-    def _conflict_target(self, rel: str) -> str:
-        now = time.time()
-        name = conflict_name(rel, now, self.session_id)
-        n = 1
-        while (self.conflicts_dir / name).exists():  # several conflicts in one second
-            n += 1
-            name = conflict_name(rel, now, f"{self.session_id}-{n}")
-        return name
 
     async def _write_local(self, ch: LocalChange, data: bytes | None) -> bool:
         """Replace ch's bytes on disk with data (None: delete) if the disk still holds ch."""

@@ -30,7 +30,9 @@ from sidecar.testing.realtime.server import Knobs, RealtimeServer
 from sidecar.testing.rpc_server import RpcServer
 from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import FileState, StateStore
-from sidecar.twoway.localsync import BaseStore, Conflict, LocalSync, conflict_name
+from sidecar.twoway.bases import BaseStore
+from sidecar.twoway.conflicts import Conflict, conflict_name
+from sidecar.twoway.localsync import LocalSync
 from sidecar.twoway.upstream import Upstream
 
 PROJECT = "p1"
