@@ -367,10 +367,13 @@ def _live(
     if settings.twoway.local_changes:
         from sidecar.twoway.localsync import LocalSync
 
-        local_sync = LocalSync.from_settings(
-            settings,
+        local_sync = LocalSync(
             tree,
+            settings.state_dir,
             metrics,
+            twoway=settings.twoway,
+            session_id=settings.session_id,
+            write_mode=settings.write_mode,
             send=send,
             # Pushes go through the same RPC client as the reports.
             upstream=reporter if settings.twoway.upstream == "rpc" else None,

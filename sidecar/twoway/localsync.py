@@ -41,7 +41,7 @@ from typing import Any, Literal
 import aiohttp
 import structlog
 
-from sidecar.config import ConflictPolicy, Settings, TwoWaySettings
+from sidecar.config import ConflictPolicy, TwoWaySettings
 from sidecar.errors import SidecarError
 from sidecar.live.events import DeltaEvent, FileChange
 from sidecar.metrics import Metrics
@@ -77,6 +77,7 @@ SendFn = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 MAX_DIFF_BYTES = 128 * 1024  # keeps file:local-change under the Realtime payload limits
 MAX_CONFLICT_ROUNDS = 5
+_DEFAULTS = TwoWaySettings()  # frozen: safe to share as a default
 GC_EVERY_PUTS = 256  # base copies written between two clean-ups of unreferenced ones
 
 
@@ -87,7 +88,8 @@ class LocalSync:
         tree: the project tree (its state is what the sidecar last synced; every write and
             record here happens under its lock).
         state_dir: the sidecar's own directory (bases, conflict copies).
-        policy: SIDECAR_CONFLICT.
+        twoway: the two-way settings (conflict policy, ignore patterns); the quota limits are
+            the tree's (`tree.limits`), the same ones the snapshot and delta writers enforce.
         send: broadcasts on the project channel (Subscription.send); None when the token may
             not write. A failing or denied send is counted and logged, never fatal.
         upstream: pushes to the database (SIDECAR_UPSTREAM=rpc); None only reports.
@@ -101,8 +103,7 @@ class LocalSync:
         state_dir: Path,
         metrics: Metrics,
         *,
-        policy: ConflictPolicy = "remote-wins",
-        project_id: str = "local",
+        twoway: TwoWaySettings = _DEFAULTS,
         session_id: str = "local",
         send: SendFn | None = None,
         upstream: Upstream | None = None,
@@ -114,8 +115,8 @@ class LocalSync:
         retry_interval: float = 30.0,
         max_listed_conflicts: int = 100,
         http: aiohttp.ClientSession | None = None,
-        ignore: Iterable[str] = TwoWaySettings().ignore,
     ) -> None:
+        policy = twoway.conflict
         if policy not in ("remote-wins", "local-wins", "merge"):
             raise ValueError(f"unknown conflict policy {policy!r}")
         self.tree = tree
@@ -126,12 +127,11 @@ class LocalSync:
         self.lock = tree.lock
         self.limits = tree.limits
         self.policy: ConflictPolicy = policy
-        self.project_id = project_id
         self.session_id = session_id
         self.send = send
         self.upstream = upstream
         self.write_mode = write_mode
-        self.ignore = tuple(ignore)
+        self.ignore = twoway.ignore
         self.bases = BaseStore(self.state_dir / "base", base_max_bytes)
         self.conflicts_dir = self.state_dir / "conflicts"
         self.push_attempts = max(1, push_attempts)
@@ -151,30 +151,6 @@ class LocalSync:
         self._pending: dict[str, None] = {}
         self._wake = asyncio.Event()
         self._reported: dict[str, str | None] = {}  # path -> hash last broadcast
-
-    @classmethod
-    def from_settings(
-        cls,
-        settings: Settings,
-        tree: ProjectTree,
-        metrics: Metrics,
-        *,
-        send: SendFn | None = None,
-        upstream: Upstream | None = None,
-    ) -> LocalSync:
-        """Build from Settings (policy, identity, write mode)."""
-        return cls(
-            tree,
-            settings.state_dir,
-            metrics,
-            policy=settings.twoway.conflict,
-            project_id=settings.project_id,
-            session_id=settings.session_id,
-            send=send,
-            upstream=upstream,
-            write_mode=settings.write_mode,
-            ignore=settings.twoway.ignore,
-        )
 
     def watcher(self, **kwargs: Any) -> Watcher:
         """A Watcher sharing this instance's lock, state and ignore patterns.

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from sidecar.config import ConflictPolicy, Limits, RealtimeSettings, Settings
+from sidecar.config import ConflictPolicy, Limits, RealtimeSettings, Settings, TwoWaySettings
 from sidecar.live.apply import Applier
 from sidecar.live.events import parse_event
 from sidecar.live.subscription import Subscription, SubscriptionTuning
@@ -155,8 +155,7 @@ async def make_env(
             ptree,
             state_dir,
             metrics,
-            policy=policy,
-            project_id=PROJECT,
+            twoway=TwoWaySettings(conflict=policy),
             session_id=SESSION,
             send=send,
             upstream=up,
@@ -716,7 +715,8 @@ async def test_bases_are_seeded_and_collected(env: Env) -> None:
 
 
 def test_from_settings(tmp_path: Path) -> None:
-    """LocalSync and Upstream read policy, limits, identity and URLs from Settings."""
+    """LocalSync gets its slice of Settings (two-way settings; limits through the tree) and
+    Upstream its URLs and identity."""
     env = {
         "PROJECT_ID": "p9",
         "SESSION_ID": "s9",
@@ -732,8 +732,13 @@ def test_from_settings(tmp_path: Path) -> None:
     state = StateStore(s.state_dir)
     try:
         up = Upstream.from_settings(s, token="t")
-        ls = LocalSync.from_settings(
-            s, ProjectTree(s.project_dir, state, s.limits), Metrics(), upstream=up
+        ls = LocalSync(
+            ProjectTree(s.project_dir, state, s.limits),
+            s.state_dir,
+            Metrics(),
+            twoway=s.twoway,
+            session_id=s.session_id,
+            upstream=up,
         )
         assert (ls.policy, ls.limits.max_bytes, ls.session_id) == ("merge", 1_000_000, "s9")
         assert "tmp" in ls.ignore
