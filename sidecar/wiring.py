@@ -348,12 +348,12 @@ def _live(
     send = reporter.send if reporter is not None else sub.send
     link: ChannelLink = sub if reporter is None else _RpcLink(sub, reporter)
     local_sync: LocalSync | None = None
-    before_publish: Callable[[Sequence[FileChange]], Awaitable[None]] | None = None
+    before_publish: Callable[[Sequence[FileChange]], Awaitable[set[str]]] | None = None
     if settings.twoway.local_changes:
         # The Applier calls back into LocalSync (bound below) while it holds the tree's lock.
-        async def ask_local_sync(changes: Sequence[FileChange]) -> None:
+        async def ask_local_sync(changes: Sequence[FileChange]) -> set[str]:
             assert local_sync is not None
-            await local_sync.before_publish(changes)
+            return await local_sync.before_publish(changes)
 
         before_publish = ask_local_sync
     applier = _applier(
@@ -418,7 +418,7 @@ def _applier(
     http: aiohttp.ClientSession,
     *,
     write_mode: WriteMode,
-    before_publish: Callable[[Sequence[FileChange]], Awaitable[None]] | None,
+    before_publish: Callable[[Sequence[FileChange]], Awaitable[set[str]]] | None,
     bodies: Upstream | None = None,
 ) -> Applier:
     from sidecar.live.apply import Applier

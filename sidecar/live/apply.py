@@ -107,7 +107,7 @@ class Applier:
         fetch_timeout: float = 30.0,
         fetch_backoff: float = 0.25,
         on_change: Callable[[Sequence[str]], None] | None = None,
-        before_publish: Callable[[Sequence[FileChange]], Awaitable[None]] | None = None,
+        before_publish: Callable[[Sequence[FileChange]], Awaitable[set[str]]] | None = None,
         stage_dir: Path | None = None,
         fetch_body: Callable[[FileChange], Awaitable[bytes]] | None = None,
     ) -> None:
@@ -197,11 +197,6 @@ class Applier:
             self.on_change(changed)
         return outcome
 
-    def _superseded(self, it: _Item) -> bool:
-        """True when the before_publish hook recorded this version (or newer) as handled."""
-        known = self.state.get(it.change.path)
-        return known is not None and known.version >= it.change.version
-
     def _rejected(self, ev: DeltaEvent, exc: Exception, reason: str) -> None:
         self.metrics.event(ev.event, "rejected")
         log.warning(
@@ -248,9 +243,10 @@ class Applier:
             async with self.lock:
                 if self.before_publish is not None:
                     # Two-way sync decides conflicts with local edits under the same lock, so a
-                    # local write cannot slip in between its check and our publish.
-                    await self.before_publish([it.change for it in items])
-                    items = [it for it in items if not self._superseded(it)]
+                    # local write cannot slip in between its check and our publish. It returns
+                    # the paths it handled (kept local, or already recorded at a newer version).
+                    handled = await self.before_publish([it.change for it in items])
+                    items = [it for it in items if it.change.path not in handled]
                 changed, records = await self._publish(items, ev.seq) if items else ([], {})
                 self.tree.commit(placed | records, seq=seq)
         finally:

@@ -16,7 +16,7 @@ For every path the watcher reports (its bytes differ from what the sidecar last 
    against the last common version and otherwise falls back to `remote-wins`.
 
 A remote update for a path that was changed locally since its last sync is a conflict as well:
-the apply flow calls `check_remote` (or `before_apply`) before applying it.
+the Applier calls `before_publish` (under the tree lock) right before publishing it.
 
 Pushes and conflict resolution run while the tree lock is held (one attempt per hold; retries
 wait outside it), so a remote update is never applied in the middle of a push. Losing bytes are
@@ -43,7 +43,7 @@ import structlog
 
 from sidecar.config import ConflictPolicy, TwoWaySettings
 from sidecar.errors import SidecarError
-from sidecar.live.events import DeltaEvent, FileChange
+from sidecar.live.events import FileChange
 from sidecar.metrics import Metrics
 from sidecar.retry import backoff_delay
 from sidecar.tree import fsio
@@ -201,12 +201,12 @@ class LocalSync:
     async def drain(self) -> dict[str, Outcome]:
         """Handle every queued path (until none is left); outcome per path."""
         out: dict[str, Outcome] = {}
-        await self._flush_outbox()
+        await self.flush_outbox()
         while self._pending:
             rel = next(iter(self._pending))
             del self._pending[rel]
             out[rel] = await self._handle_safely(rel)
-            await self._flush_outbox()
+            await self.flush_outbox()
         if self.bases.puts >= GC_EVERY_PUTS:
             async with self.lock:
                 keep = {s.sha256 for s in self.state.live().values() if s.sha256}
@@ -255,7 +255,7 @@ class LocalSync:
         async with self.lock:
             ch = await self._examine(rel)
             refused = None if ch is None else self._announce(ch)
-        await self._flush_outbox()  # the file:local-change goes out before the push
+        await self.flush_outbox()  # the file:local-change goes out before the push
         if ch is None:
             self.refused.pop(rel, None)
             self.failed.pop(rel, None)
@@ -266,7 +266,7 @@ class LocalSync:
             self._count("reported")
             return "reported"
         outcome = await self._push(rel)
-        await self._flush_outbox()
+        await self.flush_outbox()
         return outcome
 
     def _announce(self, ch: LocalChange) -> bool:
@@ -332,7 +332,7 @@ class LocalSync:
                     wait_for=round(delay, 3),
                     error=str(exc),
                 )
-            await self._flush_outbox()
+            await self.flush_outbox()
             await asyncio.sleep(delay)  # the lock is free while we wait
         return "failed"  # pragma: no cover - the loop always returns
 
@@ -442,28 +442,13 @@ class LocalSync:
 
     # -- remote updates to locally changed paths --
 
-    async def before_apply(self, ev: DeltaEvent) -> None:
-        """Call before `Applier.apply(ev)`: resolves conflicts for each change of ev.
+    async def before_publish(self, changes: Sequence[FileChange]) -> set[str]:
+        """Applier hook, called with the tree lock held right before it publishes `changes`:
+        decides each against local edits; the paths it handled (the Applier writes nothing
+        for them)."""
+        return {c.path for c in changes if not await self._check_remote(c)}
 
-        Changes the policy keeps local are recorded as seen, so the Applier then treats them
-        as duplicates and writes nothing.
-        """
-        for change in ev.changes:
-            await self.check_remote(change)
-
-    async def before_publish(self, changes: Sequence[FileChange]) -> None:
-        """Applier hook: `check_remote_locked` for each change (the tree lock is held)."""
-        for change in changes:
-            await self.check_remote_locked(change)
-
-    async def check_remote(self, change: FileChange) -> bool:
-        """Take the lock and run `check_remote_locked`."""
-        async with self.lock:
-            apply = await self.check_remote_locked(change)
-        await self._flush_outbox()
-        return apply
-
-    async def check_remote_locked(self, change: FileChange) -> bool:
+    async def _check_remote(self, change: FileChange) -> bool:
         """Decide a remote change against local edits; True: apply it, False: it was handled.
 
         The caller holds the tree lock (an Applier hook calls this right before publishing).
@@ -474,7 +459,9 @@ class LocalSync:
         rel = change.path
         known = self.state.get(rel)
         if known is not None and change.version <= known.version:
-            return True  # a duplicate or stale event: the Applier drops it
+            # Our push recorded this version or a newer one after the Applier's own version
+            # check (outside the lock): publishing it now would roll the path back.
+            return False
         ch = await self._examine(rel, keep_base=False)  # its base is about to be superseded
         remote = change.content if change.action == "update" else None
         if ch is None:
@@ -696,7 +683,8 @@ class LocalSync:
         self._outbox.append((event, payload))
         self._wake.set()
 
-    async def _flush_outbox(self) -> None:
+    async def flush_outbox(self) -> None:
+        """Send the broadcasts queued while the tree lock was held (`run` does it on its own)."""
         while self._outbox:
             event, payload = self._outbox.pop(0)
             await self._broadcast(event, payload)

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from sidecar.config import ConflictPolicy, Limits, RealtimeSettings, Settings, TwoWaySettings
 from sidecar.live.apply import Applier
-from sidecar.live.events import parse_event
+from sidecar.live.events import FileChange, parse_event
 from sidecar.live.subscription import Subscription, SubscriptionTuning
 from sidecar.metrics import Metrics
 from sidecar.redact import Secret
@@ -93,8 +93,8 @@ class Env:
         batch, self.inbox[:take] = self.inbox[:take], []
         for name, payload in batch:
             ev = parse_event(name, payload, None)
-            await self.ls.before_apply(ev)
-            self.outcomes.append(await self.applier.apply(ev))
+            self.outcomes.append(await self.applier.apply(ev))  # calls ls.before_publish
+            await self.ls.flush_outbox()
 
     def saved(self) -> dict[str, bytes]:
         d = self.ls.conflicts_dir
@@ -163,6 +163,7 @@ async def make_env(
             backoff_max=0.002,
         )
         stack.push_async_callback(ls.close)
+        applier.before_publish = ls.before_publish  # as sidecar/wiring.py wires them
         env = Env(root, rpc, state, metrics, applier, ls)
         env_box.append(env)
         remove = rpc.add_listener(lambda _t, e, p: env.inbox.append((e, p)))
@@ -528,8 +529,8 @@ async def test_end_to_end_through_realtime_and_realtime_py(tmp_path: Path) -> No
                 ev = parse_event(event, payload, None)
                 if ev.outbound:
                     continue
-                await env.ls.before_apply(ev)
                 outcomes.append(await env.applier.apply(ev))
+                await env.ls.flush_outbox()
 
         async def until(cond: Any, timeout: float = 10.0) -> None:
             async with asyncio.timeout(timeout):
@@ -688,7 +689,6 @@ async def test_applier_hook_variant_under_the_lock(tmp_path: Path) -> None:
     Applier then writes nothing for the change the policy kept local."""
     async with make_env(tmp_path, policy="local-wins") as env:
         await env.seed({"a.txt": BASE})
-        env.applier.before_publish = env.ls.before_publish
         await env.rpc.editor_upsert(PROJECT, "a.txt", REMOTE)
         env.write("a.txt", LOCAL)
         [(name, payload)] = env.inbox
@@ -702,6 +702,22 @@ async def test_applier_hook_variant_under_the_lock(tmp_path: Path) -> None:
         assert (head.version, head.content) == (3, LOCAL)
         assert [p["resolution"] for e, p in env.sent if e == "file:conflict"] == ["local-kept"]
         assert REMOTE in env.saved().values()
+
+
+async def test_before_publish_returns_the_paths_it_handled(tmp_path: Path) -> None:
+    """The hook's decision is its return value: a path kept local (local-wins) and a change
+    already superseded by a newer recorded version are handled; a clean path is not."""
+    async with make_env(tmp_path, policy="local-wins") as env:
+        await env.seed({"a.txt": BASE, "b.txt": BASE, "c.txt": BASE})
+        env.write("a.txt", LOCAL)
+        env.state.update({"c.txt": FileState(5, sha(BASE), len(BASE), 0o644)})  # a push's record
+        changes = [
+            FileChange("update", rel, 2, content=REMOTE, content_hash=sha(REMOTE))
+            for rel in ("a.txt", "b.txt", "c.txt")
+        ]
+        async with env.ls.lock:
+            handled = await env.ls.before_publish(changes)
+        assert handled == {"a.txt", "c.txt"}
 
 
 async def test_bases_are_seeded_and_collected(env: Env) -> None:

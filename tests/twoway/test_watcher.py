@@ -220,8 +220,8 @@ async def test_echo_suppression_under_a_storm(
     """1,000 remote updates applied while the watcher runs produce zero local-change events.
 
     1. LocalSync runs on a watcher sharing the Applier's lock; 2. 1,000 file:update events
-    (20 paths, growing versions, some new files) go through before_apply + Applier.apply, as
-    the sync engine does; 3. a sentinel local edit is made; 4. the sentinel is the only
+    (20 paths, growing versions, some new files) go through Applier.apply (its before_publish
+    hook wired to LocalSync), as the app does; 3. a sentinel local edit is made; 4. the sentinel is the only
     file:local-change ever sent, no conflict was seen, and the watcher did drop echoes.
     """
     metrics = Metrics()
@@ -236,6 +236,7 @@ async def test_echo_suppression_under_a_storm(
             got_sentinel.set()
 
     ls = LocalSync(ptree, project / ".sidecar", metrics, send=send)
+    applier.before_publish = ls.before_publish
     w = ls.watcher()
     task = asyncio.create_task(ls.run(w))
     try:
@@ -251,7 +252,6 @@ async def test_echo_suppression_under_a_storm(
                 "version": i + 1,
             }
             ev = parse_event("file:update", payload, None)
-            await ls.before_apply(ev)
             assert await applier.apply(ev) == "applied"
         (project / "sentinel.txt").write_bytes(b"local")
         async with asyncio.timeout(20):
