@@ -169,6 +169,8 @@ class RpcFaults:
     drop_first: close the connection without an answer for the next N RPCs (nothing applied).
     lose_response_first: apply the next N writes, then close the connection before answering.
     delay: seconds to wait before handling each RPC.
+    gate: when set to an Event, every RPC waits for it (holds a push in flight until the test
+        releases it); `gated` counts the RPCs that reached it.
     content_trickle: serve content_url bodies at most this many bytes per second.
     """
 
@@ -177,6 +179,8 @@ class RpcFaults:
     drop_first: int = 0
     lose_response_first: int = 0
     delay: float = 0.0
+    gate: asyncio.Event | None = None
+    gated: int = 0
     content_trickle: float | None = None  # bytes per second for content_url bodies
 
     def reset(self) -> None:
@@ -501,6 +505,9 @@ class RpcServer(TokenIssuer, LoopbackServer):
         try:
             if self.faults.delay:
                 await asyncio.sleep(self.faults.delay)
+            if self.faults.gate is not None:
+                self.faults.gated += 1
+                await self.faults.gate.wait()
             if self.faults.drop_first > 0:
                 self.faults.drop_first -= 1
                 status = 0

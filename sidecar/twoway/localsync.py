@@ -18,8 +18,10 @@ For every path the watcher reports (its bytes differ from what the sidecar last 
 A remote update for a path that was changed locally since its last sync is a conflict as well:
 the Applier calls `before_publish` (under the tree lock) right before publishing it.
 
-Pushes and conflict resolution run while the tree lock is held (one attempt per hold; retries
-wait outside it), so a remote update is never applied in the middle of a push. Losing bytes are
+A push examines the path under the tree lock, makes its HTTP calls without it (remote updates
+keep applying meanwhile), then records the result under the lock only if the path's recorded
+version has not moved (compare-and-set); if a remote update was applied in between, the path
+is looked at afresh. Losing bytes are
 saved as `state_dir/conflicts/<dir>/<name>.sync-conflict-<YYYYMMDD>-<HHMMSS>-<session>.<ext>`
 (Syncthing's naming). Last synced bytes of text files (up to `base_max_bytes`) are kept,
 content-addressed, under `state_dir/base/` for diffs and merges.
@@ -299,7 +301,8 @@ class LocalSync:
 
     async def _push(self, rel: str) -> Outcome:
         assert self.upstream is not None
-        for attempt in range(1, self.push_attempts + 1):
+        attempt = restarts = 0
+        while True:
             try:
                 async with self.lock:
                     ch = await self._examine(rel)
@@ -308,12 +311,25 @@ class LocalSync:
                         return "unchanged"
                     if self._announce(ch):  # edited again since handle() looked
                         return "refused"
-                    outcome = await self._push_locked(ch)
+                    seen = self._version(rel)
+                # The HTTP calls run without the tree lock, so remote deltas keep applying.
+                outcome = await self._push_unlocked(ch, seen)
+                if outcome is None:
+                    # A remote change to this path was applied meanwhile (before_publish decided
+                    # it against our edit): look at the path afresh.
+                    restarts += 1
+                    await self.flush_outbox()
+                    if restarts < MAX_CONFLICT_ROUNDS:
+                        continue
+                    self.failed[rel] = "changed remotely during every push"  # parked, retried
+                    self._count("failed")
+                    return "failed"
                 self.failed.pop(rel, None)
                 self._count(outcome)
                 return outcome
             except UpstreamError as exc:
-                if not exc.transient or attempt == self.push_attempts:
+                attempt += 1
+                if not exc.transient or attempt >= self.push_attempts:
                     self.failed[rel] = str(exc)
                     self._count("failed")
                     log.warning(
@@ -334,10 +350,17 @@ class LocalSync:
                 )
             await self.flush_outbox()
             await asyncio.sleep(delay)  # the lock is free while we wait
-        return "failed"  # pragma: no cover - the loop always returns
 
-    async def _push_locked(self, ch: LocalChange) -> Outcome:
-        """Push ch and resolve conflicts; the caller holds the lock. Raises UpstreamError."""
+    def _version(self, rel: str) -> int | None:
+        known = self.state.get(rel)
+        return known.version if known is not None else None
+
+    async def _push_unlocked(self, ch: LocalChange, seen: int | None) -> Outcome | None:
+        """Push ch (examined under the lock when the path's recorded version was `seen`) and
+        resolve conflicts. The calls run without the lock; each result is applied under it
+        only if the recorded version has not moved past what the push knew (compare-and-set).
+        None: a remote change to the path was applied meanwhile. Raises UpstreamError.
+        """
         assert self.upstream is not None
         data = ch.data
         expected = ch.known.version if ch.known is not None else 0
@@ -350,15 +373,24 @@ class LocalSync:
                     version = await self.upstream.upsert(ch.path, data, expected, retries=0)
             except ConflictError:
                 head = await self.upstream.get(ch.path, retries=0)
-                step = self._resolve_push(ch, head, data, conflict)
-                conflict = step.conflict or conflict
-                if step.finish is not None:
-                    version, final = step.finish
-                    await self._settle(ch, final, version)
-                    return "conflict" if conflict is not None else "pushed"
+                async with self.lock:
+                    if self._version(ch.path) != seen:
+                        return None
+                    step = self._resolve_push(ch, head, data, conflict)
+                    conflict = step.conflict or conflict
+                    if step.finish is not None:
+                        version, final = step.finish
+                        await self._settle(ch, final, version)
+                        return "conflict" if conflict is not None else "pushed"
                 data, expected = step.data, step.expected
                 continue
-            await self._settle(ch, data, version)
+            async with self.lock:
+                now = self._version(ch.path)
+                # Our push is the head at `version`; its echo may already be applied (now ==
+                # version). A newer remote version applied meanwhile was decided by
+                # before_publish against our edit: recording ours would roll the path back.
+                if now is None or now <= version:
+                    await self._settle(ch, data, version)
             log.info("localsync.pushed", path=ch.path, version=version, expected_version=expected)
             return "conflict" if conflict is not None else "pushed"
         raise UpstreamError(

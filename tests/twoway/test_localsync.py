@@ -720,6 +720,58 @@ async def test_before_publish_returns_the_paths_it_handled(tmp_path: Path) -> No
         assert handled == {"a.txt", "c.txt"}
 
 
+async def _until(cond: Any, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("policy", ["remote-wins", "local-wins"])
+async def test_remote_deltas_apply_while_a_push_is_in_flight(
+    tmp_path: Path, policy: ConflictPolicy
+) -> None:
+    """The push's HTTP call runs without the tree lock: while the RPC server holds it, a
+    remote update of another path and one of the pushed path itself are applied. When the
+    push's answer (a version conflict) comes back, the path's recorded version has moved, so
+    the result is not recorded over it: the remote update was decided against the local edit
+    by policy, once, and the end state is what that policy says."""
+    async with make_env(tmp_path, policy=policy) as env:
+        await env.seed({"a.txt": BASE, "b.txt": BASE})
+        env.write("a.txt", LOCAL)
+        env.rpc.faults.gate = gate = asyncio.Event()
+        push = asyncio.create_task(env.ls.process(["a.txt"]))
+        try:
+            await _until(lambda: env.rpc.faults.gated >= 1)  # the upsert is held in flight
+            await env.rpc.editor_upsert(PROJECT, "b.txt", REMOTE)
+            await env.rpc.editor_upsert(PROJECT, "a.txt", REMOTE)
+            async with asyncio.timeout(5):  # would wait for the push if it held the lock
+                await env.deliver()
+            assert env.outcomes == ["applied", "applied" if policy == "remote-wins" else "noop"]
+            assert env.disk("b.txt") == REMOTE
+            assert not push.done()
+        finally:
+            gate.set()
+        await push
+        await env.ls.drain()
+        await env.deliver()
+        head = env.rpc.head(PROJECT, "a.txt")
+        assert head is not None
+        [c] = env.ls.conflicts
+        assert c.origin == "remote"
+        if policy == "remote-wins":
+            assert c.resolution == "remote-kept"
+            assert (head.version, head.content, env.disk("a.txt")) == (2, REMOTE, REMOTE)
+            assert LOCAL in env.saved().values()
+        else:
+            assert c.resolution == "local-kept"
+            assert (head.version, head.content, env.disk("a.txt")) == (3, LOCAL, LOCAL)
+            assert REMOTE in env.saved().values()
+        known = env.state.get("a.txt")
+        assert known is not None
+        assert head.content is not None
+        assert (known.version, known.sha256) == (head.version, sha(head.content))
+
+
 async def test_bases_are_seeded_and_collected(env: Env) -> None:
     """seed_bases keeps the synced text on disk and drops copies no path refers to."""
     env.ls.bases.put(b"orphan\n")
