@@ -7,7 +7,7 @@ that raises them, and are listed here so the whole tree reads in one place:
 
 - `tree/state.py` StateStoreError(EnvironmentFaultError): the state database failed otherwise.
 - `tree/preflight.py` CrossDeviceStateError(ConfigError): state dir on another filesystem.
-- `live/apply.py` ResyncNeeded(SidecarError): control flow to the engine, never an exit.
+- `live/apply.py` ResyncNeeded(SidecarError): control flow inside the Applier (returned to the engine as an ApplyResult), never an exit.
 - `orch/storage.py` StorageError(SidecarError): a Storage API request failed.
 - `testing/postgres.py` PostgresUnavailableError(SidecarError): no PostgreSQL for the tests.
 

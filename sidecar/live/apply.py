@@ -27,7 +27,13 @@ import aiohttp
 import structlog
 
 from sidecar.config import Limits
-from sidecar.errors import QuotaExceededError, SidecarError, UnsafePathError
+from sidecar.errors import (
+    EnvironmentFaultError,
+    QuotaExceededError,
+    SidecarError,
+    UnsafePathError,
+    environment_fault,
+)
 from sidecar.live.events import DeltaEvent, FileChange, InvalidEventError
 from sidecar.metrics import Metrics
 from sidecar.redact import redact_url
@@ -36,12 +42,14 @@ from sidecar.tree.paths import is_reserved, resolve_inside
 from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import FileState
 
-__all__ = ["DEFAULT_FETCH_CAP", "Applier", "Outcome", "ResyncNeeded"]
+__all__ = ["DEFAULT_FETCH_CAP", "Applier", "ApplyResult", "Outcome", "ResyncNeeded"]
 
 log = structlog.get_logger(component="apply")
 
-Outcome = Literal["applied", "noop", "duplicate", "stale", "ignored"]
-# The log event of each outcome, spelled out so that grep finds them.
+Outcome = Literal[
+    "applied", "noop", "duplicate", "stale", "ignored", "rejected", "environment_fault"
+]
+# The log event of each outcome that is not a refusal, spelled out so that grep finds them.
 _EVENTS: dict[Outcome, str] = {
     "applied": "apply.applied",
     "noop": "apply.noop",
@@ -58,7 +66,8 @@ _CHUNK = 256 * 1024
 
 
 class ResyncNeeded(SidecarError):
-    """Raised when a change cannot be applied safely; the caller re-converges on a snapshot.
+    """Raised inside the Applier when a change cannot be applied safely; `Applier.apply` turns
+    it into an ApplyResult whose `resync_reason` tells the engine to re-converge on a snapshot.
 
     `reason` is a short label for metrics: hash_mismatch, content_url, content_fetch,
     path_conflict, publish_failed.
@@ -67,6 +76,30 @@ class ResyncNeeded(SidecarError):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What one `Applier.apply` did. The sync engine counts it (sidecar/live/engine.py); the
+    Applier counts nothing but quota refusals.
+
+    outcome: "applied" (something written or deleted), "noop", "duplicate", "stale",
+        "ignored" (outbound), "rejected" (nothing written), "environment_fault".
+    paths: the paths written or deleted (only when applied).
+    reason: why it was rejected: quota, invalid, or the resync reason.
+    resync_reason: set when only a snapshot can repair it (hash_mismatch, content_url,
+        content_fetch, path_conflict, publish_failed, apply_failed).
+    fault: the environment refused (disk full, read-only...): the engine stalls and retries
+        the same event instead of giving it up to a resync (sidecar/errors.py).
+    error: one line for /status last_error.
+    """
+
+    outcome: Outcome
+    paths: tuple[str, ...] = ()
+    reason: str | None = None
+    resync_reason: str | None = None
+    fault: EnvironmentFaultError | None = None
+    error: str | None = None
 
 
 @dataclass(slots=True)
@@ -91,8 +124,7 @@ class Applier:
 
     `apply` calls are serialised internally. The tree's lock is held while files are
     published and recorded; a watcher takes it before deciding whether a file on disk is a
-    local change (its sha256 differs from the state's). `on_change`, if given, is called with
-    the paths written or deleted by each apply, after the state is recorded.
+    local change (its sha256 differs from the state's).
     """
 
     def __init__(
@@ -106,7 +138,6 @@ class Applier:
         fetch_retries: int = 3,
         fetch_timeout: float = 30.0,
         fetch_backoff: float = 0.25,
-        on_change: Callable[[Sequence[str]], None] | None = None,
         before_publish: Callable[[Sequence[FileChange]], Awaitable[set[str]]] | None = None,
         stage_dir: Path | None = None,
         fetch_body: Callable[[FileChange], Awaitable[bytes]] | None = None,
@@ -123,7 +154,6 @@ class Applier:
         self.fetch_retries = fetch_retries
         self.fetch_timeout = fetch_timeout
         self.fetch_backoff = fetch_backoff
-        self.on_change = on_change
         self.before_publish = before_publish
         # Staged writes and content_url downloads live in the state directory (same filesystem,
         # sidecar/tree/preflight.py; swept on start), so PROJECT_DIR never shows a partial file.
@@ -144,20 +174,19 @@ class Applier:
             self._http = None
             self._own_http = False
 
-    async def apply(self, ev: DeltaEvent, *, record_seq: bool = True) -> Outcome:
-        """Apply one event; return its outcome and count it in `sidecar_events`.
+    async def apply(self, ev: DeltaEvent, *, record_seq: bool = True) -> ApplyResult:
+        """Apply one event and say what happened; every refusal is a result, not an exception.
 
-        Outbound events return "ignored" (not counted). When `record_seq` and `ev.seq` is
-        greater than the recorded one, it is saved as state meta "seq" in the same transaction.
+        When `record_seq` and `ev.seq` is greater than the recorded one, it is saved as state
+        meta "seq" in the same transaction. A rejected event wrote nothing (a publish that
+        failed half-way records what is in place and asks for a resync). Quota refusals are
+        counted in quota_refusals{source="remote"}.
 
-        Raises (each counted as outcome "rejected", nothing written):
-            ResyncNeeded: hash mismatch, content_url failure, file/directory clash.
-            InvalidEventError: a path that leads outside the project (symlinked directory).
-            QuotaExceededError: over a limit (also counted in quota_refusals{source="remote"}).
+        Raises:
             ValueError: for snapshot:ready, which the sync engine handles.
         """
         if ev.outbound:
-            return "ignored"
+            return ApplyResult("ignored")
         if not ev.changes:
             raise ValueError(f"{ev.event} carries no file changes; the sync engine handles it")
         async with self._serial:
@@ -165,23 +194,25 @@ class Applier:
                 outcome, changed = await self._apply(ev, record_seq)
             except QuotaExceededError as exc:
                 self.metrics.inc(self.metrics.quota_refusals, "remote")
-                self._rejected(ev, exc, "quota")
-                raise
+                return self._rejected(ev, exc, "quota")
             except ResyncNeeded as exc:
-                self._rejected(ev, exc, exc.reason)
-                raise
+                cause = exc.__cause__
+                fault = environment_fault(cause) if cause is not None else None
+                if fault is not None:
+                    return ApplyResult("environment_fault", fault=fault, error=str(fault))
+                return self._rejected(ev, exc, exc.reason, resync=True)
             except InvalidEventError as exc:
-                self._rejected(ev, exc, "invalid")
-                raise
-        self.metrics.event(ev.event, outcome)
+                return self._rejected(ev, exc, "invalid")
+            except (OSError, SidecarError) as exc:
+                fault = environment_fault(exc)
+                if fault is not None:
+                    # A full disk, a read-only mount: not the event's fault (sidecar/errors.py).
+                    return ApplyResult("environment_fault", fault=fault, error=str(fault))
+                # Any other refusal: the tree may now differ from the state.
+                return self._rejected(ev, exc, "apply_failed", resync=True)
         lag_ms = None
-        if outcome in ("applied", "noop"):
-            now = time.time()
-            self.metrics.last_applied.set(now)
-            if outcome == "applied" and ev.timestamp is not None:
-                lag = max(0.0, now - ev.timestamp)
-                self.metrics.apply_lag.observe(lag)
-                lag_ms = round(lag * 1000, 1)
+        if outcome == "applied" and ev.timestamp is not None:
+            lag_ms = round(max(0.0, time.time() - ev.timestamp) * 1000, 1)
         # Every write is an info line (path, version, outcome, lag); skips are debug.
         emit = log.info if outcome == "applied" else log.debug
         emit(
@@ -193,12 +224,12 @@ class Applier:
             seq=ev.seq,
             lag_ms=lag_ms,
         )
-        if changed and self.on_change is not None:
-            self.on_change(changed)
-        return outcome
+        return ApplyResult(outcome, tuple(changed))
 
-    def _rejected(self, ev: DeltaEvent, exc: Exception, reason: str) -> None:
-        self.metrics.event(ev.event, "rejected")
+    def _rejected(
+        self, ev: DeltaEvent, exc: Exception, reason: str, *, resync: bool = False
+    ) -> ApplyResult:
+        error = str(exc) if reason != "apply_failed" else f"{type(exc).__name__}: {exc}"
         log.warning(
             "apply.rejected",
             event_type=ev.event,
@@ -206,7 +237,10 @@ class Applier:
             version=ev.changes[0].version,
             seq=ev.seq,
             reason=reason,
-            error=str(exc),
+            error=error,
+        )
+        return ApplyResult(
+            "rejected", reason=reason, resync_reason=reason if resync else None, error=error
         )
 
     # -- the steps --

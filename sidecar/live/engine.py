@@ -25,19 +25,15 @@ from typing import Any, Protocol
 
 import structlog
 
-from sidecar.errors import (
-    EnvironmentFaultError,
-    QuotaExceededError,
-    SidecarError,
-    environment_fault,
-)
-from sidecar.live.apply import Applier, ResyncNeeded
+from sidecar.errors import EnvironmentFaultError, SidecarError, environment_fault
+from sidecar.live.apply import Applier
 from sidecar.live.events import (
     BULK_APPLY,
     OUTBOUND_EVENTS,
     SNAPSHOT_READY,
     DeltaEvent,
     InvalidEventError,
+    known_event,
     parse_event,
 )
 from sidecar.live.recovery import Gap, GapPhase
@@ -375,8 +371,7 @@ class SyncEngine:
     ) -> _Item | None:
         self.last_event_at = received_at
         if not trusted and self._untrusted(event, meta):
-            self.metrics.event(str(event)[:64], "untrusted")
-            self._count("untrusted")
+            self._counted(str(event)[:64], "untrusted")
             log.warning(
                 "sync.event_untrusted",
                 event_name=str(event)[:64],
@@ -384,9 +379,10 @@ class SyncEngine:
             )
             return None
         try:
-            ev = parse_event(event, payload, meta, metrics=self.metrics)
+            ev = parse_event(event, payload, meta)
         except InvalidEventError as exc:
-            self._count("rejected")
+            # "unknown" for names we do not know, so hostile input cannot grow the label set.
+            self._counted(str(event) if known_event(event) else "unknown", "rejected")
             self.last_error = str(exc)
             log.warning("sync.event_rejected", event_name=str(event)[:64], reason=str(exc))
             seq = payload.get("seq") if isinstance(payload, dict) else None
@@ -406,8 +402,7 @@ class SyncEngine:
                 continue
             if not self.hydrated.is_set():
                 self._buffer.append(item)
-                self.metrics.event(item.ev.event, "buffered")
-                self._count("buffered")
+                self._counted(item.ev.event, "buffered")
                 continue
             self._admit(item)
         for item in ready_events:
@@ -449,8 +444,7 @@ class SyncEngine:
         self._held[seq] = item
 
     def _duplicate(self, item: _Item) -> None:
-        self.metrics.event(item.ev.event, "duplicate")
-        self._count("duplicate")
+        self._counted(item.ev.event, "duplicate")
 
     def _take_contiguous(self) -> None:
         if self.last_seq is None and self._held:
@@ -518,8 +512,7 @@ class SyncEngine:
         return out
 
     def _superseded(self, item: _Item) -> None:
-        self.metrics.event(item.ev.event, "stale")
-        self._count("stale")
+        self._counted(item.ev.event, "stale")
         self._advance_seq(item)
 
     def _advance_seq(self, item: _Item) -> None:
@@ -544,40 +537,28 @@ class SyncEngine:
         if ev.event == REJECTED:
             self._advance_seq(item)  # counted when it was parsed
             return True
-        outcome = "rejected"
-        resync: str | None = None
-        try:
-            outcome = await self.applier.apply(ev)
-        except ResyncNeeded as exc:
-            fault = environment_fault(exc.__cause__) if exc.__cause__ is not None else None
-            if fault is not None:
-                self._stall(fault, ev.event, seq=ev.seq)
-                return False
-            self.last_error, resync = str(exc), exc.reason
-        except (InvalidEventError, QuotaExceededError) as exc:
-            self.last_error = str(exc)  # the Applier counted and logged it
-        except (OSError, SidecarError) as exc:
-            fault = environment_fault(exc)
-            if fault is not None:
-                # A full disk, a read-only mount: not the event's fault. Retried with backoff
-                # until it succeeds; the child keeps running (sidecar/errors.py).
-                self._stall(fault, ev.event, seq=ev.seq)
-                return False
-            # Any other refusal: the tree may now differ from the state.
-            self.last_error, resync = f"{type(exc).__name__}: {exc}", "apply_failed"
-        if resync == "apply_failed":
-            log.error("sync.apply_failed", event_name=ev.event, seq=ev.seq, error=self.last_error)
-        if resync is not None:
-            await self._want_snapshot(resync, ev.seq)
+        result = await self.applier.apply(ev)
+        if result.fault is not None:
+            self._stall(result.fault, ev.event, seq=ev.seq)
+            return False
+        if result.error is not None:
+            self.last_error = result.error
+        if result.resync_reason == "apply_failed":
+            log.error("sync.apply_failed", event_name=ev.event, seq=ev.seq, error=result.error)
+        if result.resync_reason is not None:
+            await self._want_snapshot(result.resync_reason, ev.seq)
         self._recovered()
         self._advance_seq(item)
-        self._count(outcome)
-        if outcome == "applied":
+        self._counted(ev.event, result.outcome)
+        if result.outcome in ("applied", "noop"):
             now = time.time()
-            self.last_applied_at = now
-            if ev.timestamp is not None:
-                self.last_apply_lag = max(0.0, now - ev.timestamp)
-            await self._notify([c.path for c in ev.changes])
+            self.metrics.last_applied.set(now)
+            if result.outcome == "applied":
+                self.last_applied_at = now
+                if ev.timestamp is not None:
+                    self.last_apply_lag = max(0.0, now - ev.timestamp)
+                    self.metrics.apply_lag.observe(self.last_apply_lag)
+                await self._notify([c.path for c in ev.changes])
         return True
 
     # -- environment faults: reported, retried with backoff, never fatal --
@@ -604,8 +585,7 @@ class SyncEngine:
         )
         fault.retry_at = now + delay
         self.last_error = f"{exc.kind}: {exc}"
-        self.metrics.event(what, "environment_fault")
-        self._count("environment_fault")
+        self._counted(what, "environment_fault")
         # First time loud, then at growing intervals: a full disk can last for hours.
         if fault.attempts & (fault.attempts - 1) == 0:
             log.error(
@@ -652,6 +632,13 @@ class SyncEngine:
 
     def _count(self, outcome: str) -> None:
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
+
+    def _counted(self, event: str, outcome: str) -> None:
+        """The one place an event's outcome is counted: /status counts and sidecar_events."""
+        if outcome == "ignored":
+            return  # outbound: our own events echoed back
+        self.metrics.event(event, outcome)
+        self._count(outcome)
 
     # -- gap recovery (rule 5) --
 

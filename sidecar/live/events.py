@@ -16,15 +16,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from sidecar.errors import InvalidEventError, UnsafePathError
 from sidecar.redact import redact_url
 from sidecar.tree.paths import check_rel_path, is_reserved
-
-if TYPE_CHECKING:
-    from sidecar.metrics import Metrics
 
 __all__ = [
     "FILE_DELETE",
@@ -36,6 +33,7 @@ __all__ = [
     "DeltaEvent",
     "FileChange",
     "InvalidEventError",
+    "known_event",
     "parse_event",
 ]
 
@@ -96,26 +94,18 @@ def parse_event(
     event: str,
     payload: Mapping[str, Any],
     meta: Mapping[str, Any] | None,
-    *,
-    metrics: Metrics | None = None,
 ) -> DeltaEvent:
     """Validate one broadcast and return its DeltaEvent.
 
     Raises:
         InvalidEventError: unknown event name, missing or ill-typed field, unsafe or reserved
-            path, bad base64, bad hash format... When `metrics` is given the rejection is
-            counted as `sidecar_events{event, outcome="rejected"}` (event "unknown" for names
-            we do not know, so hostile input cannot grow the label set).
+            path, bad base64, bad hash format... The sync engine counts the rejection.
     """
-    try:
-        return _parse(event, payload, meta)
-    except InvalidEventError:
-        if metrics is not None:
-            metrics.event(event if _known_name(event) else "unknown", "rejected")
-        raise
+    return _parse(event, payload, meta)
 
 
-def _known_name(event: object) -> bool:
+def known_event(event: object) -> bool:
+    """Whether `event` is a name of the protocol (metrics label only those)."""
     return isinstance(event, str) and (event in INBOUND_EVENTS or event in OUTBOUND_EVENTS)
 
 

@@ -20,8 +20,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from sidecar.config import Limits
-from sidecar.errors import QuotaExceededError
-from sidecar.live.apply import THREAD_THRESHOLD, Applier, ResyncNeeded
+from sidecar.live.apply import THREAD_THRESHOLD, Applier, ApplyResult
 from sidecar.live.events import DeltaEvent, InvalidEventError, parse_event
 from sidecar.metrics import Metrics
 from sidecar.tree import fsio
@@ -102,9 +101,20 @@ def empty_dirs(root: Path) -> list[str]:
     ]
 
 
-def count(metrics: Metrics, event: str, outcome: str) -> float:
-    labels = {**IDS, "event": event, "outcome": outcome}
-    return metrics.registry.get_sample_value("sidecar_events_total", labels) or 0.0
+def count(env: Env, event: str, outcome: str) -> int:
+    """How many applies of `event` ended in `outcome` (the engine counts them in production)."""
+    return sum(1 for e, r in env.results if e == event and r.outcome == outcome)
+
+
+class Recording(Applier):
+    """An Applier that keeps every result, so tests can count outcomes as the engine does."""
+
+    results: list[tuple[str, ApplyResult]]
+
+    async def apply(self, ev: DeltaEvent, *, record_seq: bool = True) -> ApplyResult:
+        result = await super().apply(ev, record_seq=record_seq)
+        self.results.append((ev.event, result))
+        return result
 
 
 @dataclass
@@ -116,11 +126,13 @@ class Env:
     metrics: Metrics
     state: StateStore
     appliers: list[Applier] = field(default_factory=list)
+    results: list[tuple[str, ApplyResult]] = field(default_factory=list)
 
     def applier(self, **kw: Any) -> Applier:
         limits = kw.pop("limits", Limits())
         kw.setdefault("fetch_backoff", 0.0)
-        ap = Applier(ProjectTree(self.root, self.state, limits, self.metrics), self.metrics, **kw)
+        ap = Recording(ProjectTree(self.root, self.state, limits, self.metrics), self.metrics, **kw)
+        ap.results = self.results
         self.appliers.append(ap)
         return ap
 
@@ -201,19 +213,17 @@ async def server() -> AsyncIterator[Blobs]:
 async def test_update_creates_file_with_parents_and_records_state(env: Env) -> None:
     """An update writes the bytes (parents created, mode 0644) and records version and hash."""
     ap = env.applier()
-    assert await ap.apply(upd("src/deep/a.txt", b"one", 1, seq=5)) == "applied"
+    assert (await ap.apply(upd("src/deep/a.txt", b"one", 1, seq=5))).outcome == "applied"
     target = env.root / "src/deep/a.txt"
     assert target.read_bytes() == b"one"
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
     assert env.state.get("src/deep/a.txt") == FileState(1, sha(b"one"), 3, 0o644)
     assert env.state.meta("seq") == 5
-    assert count(env.metrics, "file:update", "applied") == 1
+    assert count(env, "file:update", "applied") == 1
     reg = env.metrics.registry
-    assert reg.get_sample_value("sidecar_apply_lag_seconds_count", IDS) == 1
     assert reg.get_sample_value("sidecar_project_bytes", IDS) == 3
     assert reg.get_sample_value("sidecar_project_files", IDS) == 1
     assert reg.get_sample_value("sidecar_last_seq", IDS) == 5
-    assert (reg.get_sample_value("sidecar_last_applied_timestamp_seconds", IDS) or 0) > 0
     assert temps(env.root) == []
 
 
@@ -264,7 +274,7 @@ async def test_large_inline_content_goes_through_a_thread(env: Env, mode: str) -
     """Content above the thread threshold is written correctly in both modes, with fsync on."""
     ap = env.applier(write_mode=mode, fsync=True)
     data = os.urandom(THREAD_THRESHOLD + 1)
-    assert await ap.apply(upd("big.bin", data, 1)) == "applied"
+    assert (await ap.apply(upd("big.bin", data, 1))).outcome == "applied"
     assert (env.root / "big.bin").read_bytes() == data
     assert temps(env.root) == []
 
@@ -277,29 +287,29 @@ async def test_same_version_is_duplicate_and_lower_is_stale(env: Env) -> None:
     ap = env.applier()
     await ap.apply(upd("a.txt", b"v5", 5))
     ino = (env.root / "a.txt").stat().st_ino
-    assert await ap.apply(upd("a.txt", b"other", 5)) == "duplicate"
-    assert await ap.apply(upd("a.txt", b"older", 4)) == "stale"
-    assert await ap.apply(dele("a.txt", 3)) == "stale"
+    assert (await ap.apply(upd("a.txt", b"other", 5))).outcome == "duplicate"
+    assert (await ap.apply(upd("a.txt", b"older", 4))).outcome == "stale"
+    assert (await ap.apply(dele("a.txt", 3))).outcome == "stale"
     assert (env.root / "a.txt").read_bytes() == b"v5"
     assert (env.root / "a.txt").stat().st_ino == ino
-    assert count(env.metrics, "file:update", "duplicate") == 1
-    assert count(env.metrics, "file:update", "stale") == 1
-    assert count(env.metrics, "file:delete", "stale") == 1
+    assert count(env, "file:update", "duplicate") == 1
+    assert count(env, "file:update", "stale") == 1
+    assert count(env, "file:delete", "stale") == 1
 
 
 async def test_tombstone_prevents_resurrection_across_restart(env: Env) -> None:
     """A delete leaves a tombstone (kept across a restart) that a late update cannot pass."""
     ap = env.applier()
     await ap.apply(upd("a.txt", b"v1", 1))
-    assert await ap.apply(dele("a.txt", 3)) == "applied"
+    assert (await ap.apply(dele("a.txt", 3))).outcome == "applied"
     assert not (env.root / "a.txt").exists()
     assert env.state.get("a.txt") == FileState(3, None, 0, 0)
     env.state.close()
     env.state = StateStore(env.root / ".sidecar")
     ap2 = env.applier()
-    assert await ap2.apply(upd("a.txt", b"v2", 2)) == "stale"
+    assert (await ap2.apply(upd("a.txt", b"v2", 2))).outcome == "stale"
     assert not (env.root / "a.txt").exists()
-    assert await ap2.apply(upd("a.txt", b"v4", 4)) == "applied"
+    assert (await ap2.apply(upd("a.txt", b"v4", 4))).outcome == "applied"
     assert (env.root / "a.txt").read_bytes() == b"v4"
 
 
@@ -320,9 +330,9 @@ async def test_delete_prunes_empty_parents_but_not_the_root(env: Env) -> None:
 async def test_delete_of_missing_file_records_tombstone_as_noop(env: Env) -> None:
     """Deleting a path with nothing on disk writes nothing but still records the tombstone."""
     ap = env.applier()
-    assert await ap.apply(dele("never.txt", 2)) == "noop"
+    assert (await ap.apply(dele("never.txt", 2))).outcome == "noop"
     assert env.state.get("never.txt") == FileState(2, None, 0, 0)
-    assert await ap.apply(upd("never.txt", b"late", 1)) == "stale"
+    assert (await ap.apply(upd("never.txt", b"late", 1))).outcome == "stale"
     assert not (env.root / "never.txt").exists()
 
 
@@ -334,12 +344,12 @@ async def test_hash_mismatch_is_rejected_before_touching_disk(env: Env) -> None:
     ap = env.applier()
     await ap.apply(upd("a.txt", b"good", 1))
     payload = item_update("a.txt", b"evil", 2) | {"content_hash": sha(b"something else")}
-    with pytest.raises(ResyncNeeded) as info:
-        await ap.apply(parse_event("file:update", payload, None))
-    assert info.value.reason == "hash_mismatch"
+    info = await ap.apply(parse_event("file:update", payload, None))
+    assert info.outcome == "rejected"
+    assert info.resync_reason == "hash_mismatch"
     assert (env.root / "a.txt").read_bytes() == b"good"
     assert env.state.get("a.txt").version == 1  # type: ignore[union-attr]
-    assert count(env.metrics, "file:update", "rejected") == 1
+    assert count(env, "file:update", "rejected") == 1
     assert temps(env.root) == []
 
 
@@ -351,10 +361,10 @@ async def test_same_bytes_record_version_without_writing(env: Env) -> None:
     ap = env.applier(write_mode="atomic")
     await ap.apply(upd("a.txt", b"same", 1))
     ino = (env.root / "a.txt").stat().st_ino
-    assert await ap.apply(upd("a.txt", b"same", 2)) == "noop"
+    assert (await ap.apply(upd("a.txt", b"same", 2))).outcome == "noop"
     assert (env.root / "a.txt").stat().st_ino == ino
     assert env.state.get("a.txt").version == 2  # type: ignore[union-attr]
-    assert count(env.metrics, "file:update", "noop") == 1
+    assert count(env, "file:update", "noop") == 1
 
 
 async def test_untracked_file_with_same_bytes_is_adopted(env: Env) -> None:
@@ -362,7 +372,7 @@ async def test_untracked_file_with_same_bytes_is_adopted(env: Env) -> None:
     (env.root / "a.txt").write_bytes(b"already")
     ino = (env.root / "a.txt").stat().st_ino
     ap = env.applier()
-    assert await ap.apply(upd("a.txt", b"already", 1, mode=0o600)) == "noop"
+    assert (await ap.apply(upd("a.txt", b"already", 1, mode=0o600))).outcome == "noop"
     assert (env.root / "a.txt").stat().st_ino == ino
     assert stat.S_IMODE((env.root / "a.txt").stat().st_mode) == 0o600
     assert env.state.get("a.txt") == FileState(1, sha(b"already"), 7, 0o600)
@@ -373,7 +383,7 @@ async def test_locally_modified_file_is_rewritten(env: Env) -> None:
     ap = env.applier()
     await ap.apply(upd("a.txt", b"v1", 1))
     (env.root / "a.txt").write_bytes(b"local edit")
-    assert await ap.apply(upd("a.txt", b"v1", 2)) == "applied"
+    assert (await ap.apply(upd("a.txt", b"v1", 2))).outcome == "applied"
     assert (env.root / "a.txt").read_bytes() == b"v1"
 
 
@@ -385,11 +395,11 @@ async def test_bulk_applies_as_one_unit(env: Env) -> None:
     ap = env.applier()
     await ap.apply(upd("old.txt", b"old", 1))
     ev = bulk(b_upd("a.txt", b"a", 1), b_upd("d/b.txt", b"b", 1), b_del("old.txt", 2), seq=3)
-    assert await ap.apply(ev) == "applied"
+    assert (await ap.apply(ev)).outcome == "applied"
     assert tree(env.root) == {"a.txt": b"a", "d/b.txt": b"b"}
     assert env.state.get("old.txt") == FileState(2, None, 0, 0)
     assert env.state.meta("seq") == 3
-    assert count(env.metrics, "bulk:apply", "applied") == 1
+    assert count(env, "bulk:apply", "applied") == 1
 
 
 @pytest.mark.parametrize("mode", ["atomic", "inplace"])
@@ -397,7 +407,9 @@ async def test_bulk_writes_into_a_directory_its_delete_emptied(env: Env, mode: s
     """A bulk that deletes the last file of a directory and writes a new one there succeeds."""
     ap = env.applier(write_mode=mode)
     await ap.apply(upd("d/e/c.txt", b"c", 1))
-    assert await ap.apply(bulk(b_del("d/e/c.txt", 2), b_upd("d/b.txt", b"b", 1))) == "applied"
+    assert (
+        await ap.apply(bulk(b_del("d/e/c.txt", 2), b_upd("d/b.txt", b"b", 1)))
+    ).outcome == "applied"
     assert tree(env.root) == {"d/b.txt": b"b"}
     assert empty_dirs(env.root) == []
 
@@ -406,7 +418,7 @@ async def test_bulk_turns_a_file_into_a_directory(env: Env) -> None:
     """A bulk may delete file "a" and create "a/b" (deletes are published first)."""
     ap = env.applier()
     await ap.apply(upd("a", b"file", 1))
-    assert await ap.apply(bulk(b_upd("a/b", b"nested", 1), b_del("a", 2))) == "applied"
+    assert (await ap.apply(bulk(b_upd("a/b", b"nested", 1), b_del("a", 2)))).outcome == "applied"
     assert tree(env.root) == {"a/b": b"nested"}
     assert temps(env.root) == []
 
@@ -418,13 +430,12 @@ async def test_bulk_with_one_bad_hash_changes_nothing(env: Env) -> None:
     before_tree, before_state = tree(env.root), dict(env.state.items())
     bad = b_upd("z.txt", b"z", 1) | {"content_hash": sha(b"not z")}
     ev = bulk(b_upd("a.txt", b"a", 1), b_upd("new/dir/b.txt", b"b", 1), b_del("keep.txt", 2), bad)
-    with pytest.raises(ResyncNeeded):
-        await ap.apply(ev)
+    assert (await ap.apply(ev)).resync_reason is not None
     assert tree(env.root) == before_tree
     assert dict(env.state.items()) == before_state
     assert not (env.root / "new").exists()
     assert temps(env.root) == []
-    assert count(env.metrics, "bulk:apply", "rejected") == 1
+    assert count(env, "bulk:apply", "rejected") == 1
 
 
 async def test_bulk_with_a_failing_url_changes_nothing(env: Env, server: Blobs) -> None:
@@ -439,8 +450,9 @@ async def test_bulk_with_a_failing_url_changes_nothing(env: Env, server: Blobs) 
         "content_hash": sha(b"x"),
         "version": 1,
     }
-    with pytest.raises(ResyncNeeded):
+    assert (
         await ap.apply(bulk(b_upd("a.txt", b"a", 1), b_del("keep.txt", 2), missing))
+    ).resync_reason is not None
     assert tree(env.root) == before
     assert env.state.get("a.txt") is None
     assert temps(env.root) == []
@@ -450,9 +462,9 @@ async def test_bulk_outcome_when_nothing_is_new(env: Env) -> None:
     """A bulk whose changes are all already known is a duplicate (or stale) as a whole."""
     ap = env.applier()
     await ap.apply(bulk(b_upd("a", b"a", 2), b_upd("b", b"b", 2)))
-    assert await ap.apply(bulk(b_upd("a", b"a", 2), b_upd("b", b"b", 2))) == "duplicate"
-    assert await ap.apply(bulk(b_upd("a", b"a", 2), b_upd("b", b"b", 1))) == "stale"
-    assert await ap.apply(bulk(b_upd("a", b"a", 3), b_upd("b", b"b", 1))) == "noop"
+    assert (await ap.apply(bulk(b_upd("a", b"a", 2), b_upd("b", b"b", 2)))).outcome == "duplicate"
+    assert (await ap.apply(bulk(b_upd("a", b"a", 2), b_upd("b", b"b", 1)))).outcome == "stale"
+    assert (await ap.apply(bulk(b_upd("a", b"a", 3), b_upd("b", b"b", 1)))).outcome == "noop"
 
 
 # -- quota ---------------------------------------------------------------------------------------
@@ -476,13 +488,12 @@ async def test_quota_refuses_and_writes_nothing(
     await ap.apply(upd("a.txt", b"x" * 5, 1))
     await ap.apply(upd("b.txt", b"x" * 5, 1))
     before = tree(env.root)
-    with pytest.raises(QuotaExceededError):
-        await ap.apply(event)
+    assert (await ap.apply(event)).reason == "quota"
     assert tree(env.root) == before
     assert temps(env.root) == []
     labels = {**IDS, "source": "remote"}
     assert env.metrics.registry.get_sample_value("sidecar_quota_refusals_total", labels) == 1
-    assert count(env.metrics, event.event, "rejected") == 1
+    assert count(env, event.event, "rejected") == 1
 
 
 async def test_quota_counts_replacements_and_deletes(env: Env) -> None:
@@ -490,9 +501,9 @@ async def test_quota_counts_replacements_and_deletes(env: Env) -> None:
     ap = env.applier(limits=Limits(max_bytes=20, max_files=2))
     await ap.apply(upd("a.txt", b"x" * 10, 1))
     await ap.apply(upd("b.txt", b"x" * 10, 1))
-    assert await ap.apply(upd("a.txt", b"y" * 10, 2)) == "applied"
+    assert (await ap.apply(upd("a.txt", b"y" * 10, 2))).outcome == "applied"
     await ap.apply(dele("b.txt", 2))
-    assert await ap.apply(upd("c.txt", b"z" * 10, 1)) == "applied"
+    assert (await ap.apply(upd("c.txt", b"z" * 10, 1))).outcome == "applied"
     assert env.metrics.registry.get_sample_value("sidecar_project_bytes", IDS) == 20
 
 
@@ -504,23 +515,22 @@ async def test_symlinked_directory_pointing_outside_is_not_written_through(env: 
     (env.root / "link").symlink_to(env.outside, target_is_directory=True)
     ap = env.applier()
     for ev in (upd("link/secret.txt", b"pwned", 1), upd("link/new.txt", b"pwned", 1)):
-        with pytest.raises(InvalidEventError):
-            await ap.apply(ev)
-    with pytest.raises(InvalidEventError):
+        assert (await ap.apply(ev)).reason == "invalid"
+    assert (
         await ap.apply(bulk(b_upd("ok.txt", b"ok", 1), b_upd("link/x.txt", b"pwned", 1)))
+    ).reason == "invalid"
     assert env.outside_untouched()
     assert not (env.root / "ok.txt").exists()
-    assert count(env.metrics, "file:update", "rejected") == 2
+    assert count(env, "file:update", "rejected") == 2
 
 
 async def test_delete_through_a_symlinked_directory_outside_is_refused(env: Env) -> None:
     """A delete cannot reach a file outside the project through a planted symlink."""
     (env.root / "link").symlink_to(env.outside, target_is_directory=True)
     ap = env.applier()
-    with pytest.raises(InvalidEventError):
-        await ap.apply(dele("link/secret.txt", 1))
+    assert (await ap.apply(dele("link/secret.txt", 1))).reason == "invalid"
     assert env.outside_untouched()
-    assert count(env.metrics, "file:delete", "rejected") == 1
+    assert count(env, "file:delete", "rejected") == 1
 
 
 async def test_symlink_into_the_state_dir_is_refused(env: Env) -> None:
@@ -528,8 +538,7 @@ async def test_symlink_into_the_state_dir_is_refused(env: Env) -> None:
     (env.root / "s").symlink_to(".sidecar", target_is_directory=True)
     db = (env.root / ".sidecar/state.db").read_bytes()
     ap = env.applier()
-    with pytest.raises(InvalidEventError):
-        await ap.apply(upd("s/state.db", b"garbage", 1))
+    assert (await ap.apply(upd("s/state.db", b"garbage", 1))).reason == "invalid"
     assert (env.root / ".sidecar/state.db").read_bytes() == db
 
 
@@ -537,7 +546,7 @@ async def test_delete_under_a_file_is_a_noop(env: Env) -> None:
     """Deleting "a/b" while "a" is a file removes nothing and records the tombstone."""
     ap = env.applier()
     await ap.apply(upd("a", b"file", 1))
-    assert await ap.apply(dele("a/b", 1)) == "noop"
+    assert (await ap.apply(dele("a/b", 1))).outcome == "noop"
     assert tree(env.root) == {"a": b"file"}
 
 
@@ -546,7 +555,7 @@ async def test_symlinked_directory_inside_the_project_is_allowed(env: Env) -> No
     (env.root / "real").mkdir()
     (env.root / "alias").symlink_to("real", target_is_directory=True)
     ap = env.applier()
-    assert await ap.apply(upd("alias/f.txt", b"ok", 1)) == "applied"
+    assert (await ap.apply(upd("alias/f.txt", b"ok", 1))).outcome == "applied"
     assert (env.root / "real/f.txt").read_bytes() == b"ok"
 
 
@@ -555,7 +564,7 @@ async def test_symlinked_file_is_replaced_not_followed(env: Env, mode: str) -> N
     """A symlink at the target path is replaced by a regular file; its target is untouched."""
     (env.root / "evil.txt").symlink_to(env.outside / "secret.txt")
     ap = env.applier(write_mode=mode)
-    assert await ap.apply(upd("evil.txt", b"mine", 1)) == "applied"
+    assert (await ap.apply(upd("evil.txt", b"mine", 1))).outcome == "applied"
     assert not (env.root / "evil.txt").is_symlink()
     assert (env.root / "evil.txt").read_bytes() == b"mine"
     assert env.outside_untouched()
@@ -565,7 +574,7 @@ async def test_delete_of_a_symlink_removes_only_the_link(env: Env) -> None:
     """Deleting a path that is a symlink removes the link, never what it points to."""
     (env.root / "evil.txt").symlink_to(env.outside / "secret.txt")
     ap = env.applier()
-    assert await ap.apply(dele("evil.txt", 1)) == "applied"
+    assert (await ap.apply(dele("evil.txt", 1))).outcome == "applied"
     assert not (env.root / "evil.txt").is_symlink()
     assert env.outside_untouched()
 
@@ -578,8 +587,7 @@ async def test_hostile_paths_never_reach_the_disk(env: Env, path: str) -> None:
     """Traversal, absolute and reserved paths are rejected at parsing, counted, not written."""
     payload = item_update("placeholder", b"pwned", 1) | {"file_path": path}
     with pytest.raises(InvalidEventError):
-        parse_event("file:update", payload, None, metrics=env.metrics)
-    assert count(env.metrics, "file:update", "rejected") == 1
+        parse_event("file:update", payload, None)
     assert env.outside_untouched()
     assert tree(env.root) == {}
 
@@ -590,9 +598,9 @@ async def test_file_where_a_directory_is_needed_asks_for_resync(env: Env) -> Non
     await ap.apply(upd("a", b"file", 1))
     await ap.apply(upd("d/x", b"x", 1))
     for ev in (upd("a/b", b"b", 1), upd("d", b"d", 1)):
-        with pytest.raises(ResyncNeeded) as info:
-            await ap.apply(ev)
-        assert info.value.reason == "path_conflict"
+        info = await ap.apply(ev)
+        assert info.outcome == "rejected"
+        assert info.resync_reason == "path_conflict"
     assert tree(env.root) == {"a": b"file", "d/x": b"x"}
 
 
@@ -605,7 +613,7 @@ async def test_content_url_is_fetched_and_checked(env: Env, server: Blobs, mode:
     data = os.urandom(300_000)
     server.blobs["blob"] = data
     ap = env.applier(write_mode=mode)
-    assert await ap.apply(url_upd("bin/blob", server.url("blob"), data, 1)) == "applied"
+    assert (await ap.apply(url_upd("bin/blob", server.url("blob"), data, 1))).outcome == "applied"
     assert (env.root / "bin/blob").read_bytes() == data
     assert env.state.get("bin/blob") == FileState(1, sha(data), len(data), 0o644)
     assert temps(env.root) == []
@@ -617,7 +625,7 @@ async def test_content_url_not_fetched_when_bytes_already_there(env: Env, server
     server.blobs["blob"] = data
     ap = env.applier()
     await ap.apply(upd("f", data, 1))
-    assert await ap.apply(url_upd("f", server.url("blob"), data, 2)) == "noop"
+    assert (await ap.apply(url_upd("f", server.url("blob"), data, 2))).outcome == "noop"
     assert server.hits.get("blob", 0) == 0
 
 
@@ -626,7 +634,9 @@ async def test_content_url_retries_server_errors(env: Env, server: Blobs) -> Non
     server.blobs["flaky"] = b"eventually"
     server.failures["flaky"] = 2
     ap = env.applier(fetch_retries=3)
-    assert await ap.apply(url_upd("f", server.url("flaky"), b"eventually", 1)) == "applied"
+    assert (
+        await ap.apply(url_upd("f", server.url("flaky"), b"eventually", 1))
+    ).outcome == "applied"
     assert server.hits["flaky"] == 3
     assert (env.root / "f").read_bytes() == b"eventually"
 
@@ -639,24 +649,24 @@ async def test_content_url_failures_ask_for_resync(
 ) -> None:
     """4xx fails at once, 5xx and timeouts after retries: ResyncNeeded, counted, nothing written."""
     ap = env.applier(fetch_retries=2, fetch_timeout=0.3)
-    with capture_logs() as logs, pytest.raises(ResyncNeeded) as info:
-        await ap.apply(url_upd("f.bin", server.url(name), b"x", 1))
-    assert info.value.reason == "content_url"
-    assert "sekrit" not in str(info.value)
+    with capture_logs() as logs:
+        info = await ap.apply(url_upd("f.bin", server.url(name), b"x", 1))
+    assert info.resync_reason == "content_url"
+    assert "sekrit" not in str(info.error)
     assert "sekrit" not in repr(logs)
     assert server.hits[name] == hits
     assert tree(env.root) == {}
     assert temps(env.root) == []
-    assert count(env.metrics, "file:update", "rejected") == 1
+    assert count(env, "file:update", "rejected") == 1
 
 
 async def test_content_url_with_wrong_bytes_is_a_hash_mismatch(env: Env, server: Blobs) -> None:
     """Bytes from content_url that do not match content_hash are rejected (rule 2)."""
     server.blobs["blob"] = b"tampered"
     ap = env.applier()
-    with pytest.raises(ResyncNeeded) as info:
-        await ap.apply(url_upd("f", server.url("blob"), b"original", 1))
-    assert info.value.reason == "hash_mismatch"
+    info = await ap.apply(url_upd("f", server.url("blob"), b"original", 1))
+    assert info.outcome == "rejected"
+    assert info.resync_reason == "hash_mismatch"
     assert tree(env.root) == {}
     assert temps(env.root) == []
 
@@ -666,8 +676,7 @@ async def test_content_url_size_is_bounded(env: Env, server: Blobs, name: str) -
     """A body over SIDECAR_MAX_FILE_BYTES (streamed or announced) is refused as over quota."""
     server.blobs["blob"] = b"x" * 200_000
     ap = env.applier(limits=Limits(max_file_bytes=100_000))
-    with pytest.raises(QuotaExceededError):
-        await ap.apply(url_upd("f", server.url(name), b"x", 1))
+    assert (await ap.apply(url_upd("f", server.url(name), b"x", 1))).reason == "quota"
     assert tree(env.root) == {}
     assert temps(env.root) == []
 
@@ -690,20 +699,18 @@ async def test_seq_is_recorded_only_upwards_and_on_request(env: Env) -> None:
 async def test_outbound_and_snapshot_events_are_not_applied(env: Env) -> None:
     """Outbound events are ignored (not counted); snapshot:ready is the sync engine's job."""
     ap = env.applier()
-    assert await ap.apply(parse_event("file:local-change", {}, None)) == "ignored"
+    assert (await ap.apply(parse_event("file:local-change", {}, None))).outcome == "ignored"
     ready = parse_event("snapshot:ready", {"snapshot_url": "https://x/y", "snapshot_id": "s"}, None)
     with pytest.raises(ValueError, match="sync engine"):
         await ap.apply(ready)
 
 
-async def test_on_change_gets_written_and_deleted_paths(env: Env) -> None:
-    """on_change is called with the paths each apply wrote or deleted, and not for no-ops."""
-    seen: list[list[str]] = []
-    ap = env.applier(on_change=lambda paths: seen.append(list(paths)))
-    await ap.apply(upd("a", b"a", 1))
-    await ap.apply(upd("a", b"a", 2))
-    await ap.apply(bulk(b_upd("b", b"b", 1), b_del("a", 3)))
-    assert seen == [["a"], ["a", "b"]]
+async def test_result_paths_are_the_written_and_deleted_paths(env: Env) -> None:
+    """ApplyResult.paths holds the paths each apply wrote or deleted, none for no-ops."""
+    ap = env.applier()
+    assert (await ap.apply(upd("a", b"a", 1))).paths == ("a",)
+    assert (await ap.apply(upd("a", b"a", 2))).paths == ()
+    assert (await ap.apply(bulk(b_upd("b", b"b", 1), b_del("a", 3)))).paths == ("a", "b")
 
 
 async def test_lock_holds_back_publication(env: Env) -> None:
@@ -716,7 +723,7 @@ async def test_lock_holds_back_publication(env: Env) -> None:
         assert not task.done()
         assert not (env.root / "a.txt").exists()
         assert env.state.get("a.txt") is None
-    assert await task == "applied"
+    assert (await task).outcome == "applied"
     assert env.state.get("a.txt").sha256 == sha((env.root / "a.txt").read_bytes())  # type: ignore[union-attr]
 
 
@@ -796,13 +803,12 @@ async def _converge(
                 state.close()
                 state = StateStore(root / ".sidecar")
                 ap = Applier(ProjectTree(root, state, None, metrics), metrics, write_mode=mode)  # type: ignore[arg-type]
-            await ap.apply(parsed[idx])
+            assert (await ap.apply(parsed[idx])).outcome != "rejected"
         assert tree(root) == live
         assert temps(root) == []
         assert empty_dirs(root) == []
         for path, version in versions.items():
             assert state.get(path).version == version  # type: ignore[union-attr]
-        assert count(metrics, "file:update", "rejected") == 0
     finally:
         await ap.close()
         state.close()

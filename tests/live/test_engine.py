@@ -200,6 +200,21 @@ async def rig(
         state.close()
 
 
+def events_total(metrics: Metrics, outcome: str, event: str | None = None) -> float:
+    """sidecar_events_total for one outcome (summed over event names unless one is given)."""
+    total = 0.0
+    for fam in metrics.registry.collect():
+        for sample in fam.samples:
+            labels = sample.labels
+            if (
+                sample.name == "sidecar_events_total"
+                and labels.get("outcome") == outcome
+                and (event is None or labels.get("event") == event)
+            ):
+                total += sample.value
+    return total
+
+
 def replay(r: Rig) -> None:
     """What a rejoin delivers: the latest 25 rows of the broadcast log."""
     for m in r.db.log[-25:]:
@@ -402,6 +417,11 @@ async def test_hostile_events_counted_and_skipped(tmp_path: Path) -> None:
         r.feed(r.db.update("ok.txt", "fine"))
         await r.until(r.converged)
         assert r.engine.counts["rejected"] == len(bad)
+        # Counted once, by the engine, in /status counts and sidecar_events alike; unknown
+        # names under one label so hostile input cannot grow the label set.
+        assert events_total(r.metrics, "rejected") == len(bad)
+        assert events_total(r.metrics, "rejected", "unknown") == 1
+        assert events_total(r.metrics, "applied") == 1
         assert not (tmp_path / "etc").exists()
         assert r.engine.last_seq == 1
 
@@ -440,6 +460,8 @@ async def test_hash_mismatch_requests_snapshot(tmp_path: Path) -> None:
         await r.until(r.converged)
         assert [p["reason"] for e, p in r.link.sent if e == "snapshot:request"] == ["hash_mismatch"]
         assert r.engine.resyncs == 1
+        assert r.engine.counts["rejected"] == 1
+        assert events_total(r.metrics, "rejected", "file:update") == 1
 
 
 async def test_events_without_seq_apply_directly(tmp_path: Path) -> None:
@@ -523,6 +545,11 @@ async def test_on_applied_hook_and_status(tmp_path: Path) -> None:
         assert s["counts"]["applied"] == 2
         assert s["buffered"] == 0
         assert s["last_event_at"] is not None
+        reg = r.metrics.registry
+        ids = {"project_id": "p1", "session_id": "s1"}
+        assert events_total(r.metrics, "applied") == 2
+        assert reg.get_sample_value("sidecar_apply_lag_seconds_count", ids) == 2
+        assert (reg.get_sample_value("sidecar_last_applied_timestamp_seconds", ids) or 0) > 0
 
 
 # -- Hypothesis: any delivery history converges to the database's final state --

@@ -93,7 +93,7 @@ class Env:
         batch, self.inbox[:take] = self.inbox[:take], []
         for name, payload in batch:
             ev = parse_event(name, payload, None)
-            self.outcomes.append(await self.applier.apply(ev))  # calls ls.before_publish
+            self.outcomes.append((await self.applier.apply(ev)).outcome)  # calls ls.before_publish
             await self.ls.flush_outbox()
 
     def saved(self) -> dict[str, bytes]:
@@ -529,7 +529,7 @@ async def test_end_to_end_through_realtime_and_realtime_py(tmp_path: Path) -> No
                 ev = parse_event(event, payload, None)
                 if ev.outbound:
                     continue
-                outcomes.append(await env.applier.apply(ev))
+                outcomes.append((await env.applier.apply(ev)).outcome)
                 await env.ls.flush_outbox()
 
         async def until(cond: Any, timeout: float = 10.0) -> None:
@@ -694,7 +694,7 @@ async def test_applier_hook_variant_under_the_lock(tmp_path: Path) -> None:
         [(name, payload)] = env.inbox
         env.inbox.clear()
         ev = parse_event(name, payload, None)
-        assert await env.applier.apply(ev) == "noop"
+        assert (await env.applier.apply(ev)).outcome == "noop"
         assert env.disk("a.txt") == LOCAL
         await env.ls.drain()
         head = env.rpc.head(PROJECT, "a.txt")
@@ -867,7 +867,7 @@ async def test_content_url_update_without_local_edit_is_downloaded_once(
             "content_hash": sha(data),
             "version": 2,
         }
-        assert await applier.apply(parse_event("file:update", payload, None)) == "applied"
+        assert (await applier.apply(parse_event("file:update", payload, None))).outcome == "applied"
         assert (project / "a.txt").read_bytes() == data
         assert len(snapshot_server.gets("blobs/a.txt")) == 1
     finally:

@@ -252,7 +252,7 @@ async def test_echo_suppression_under_a_storm(
                 "version": i + 1,
             }
             ev = parse_event("file:update", payload, None)
-            assert await applier.apply(ev) == "applied"
+            assert (await applier.apply(ev)).outcome == "applied"
         (project / "sentinel.txt").write_bytes(b"local")
         async with asyncio.timeout(20):
             await got_sentinel.wait()
