@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,7 +48,8 @@ ResyncFn = Callable[[str, str | None], Awaitable[Manifest]]
 # (after_seq, until_seq) -> the database's logged events after after_seq, in seq order, at least
 # up to until_seq when the log still has them: (event, payload) pairs (project_events_since).
 CatchUpFn = Callable[[int, int], Awaitable[Sequence[tuple[str, dict[str, Any]]]]]
-OnApplied = Callable[[list[str]], "Awaitable[None] | None"]
+# Sync and quick (it only hands paths on, e.g. to process/hooks.py): runs inside run().
+OnApplied = Callable[[list[str]], None]
 REJECTED = "sidecar:rejected"  # placeholder for an invalid event that carried a seq
 REPLAY_LIMIT = 25  # what one replay can deliver (delta rule 5)
 
@@ -558,7 +558,7 @@ class SyncEngine:
                 if ev.timestamp is not None:
                     self.last_apply_lag = max(0.0, now - ev.timestamp)
                     self.metrics.apply_lag.observe(self.last_apply_lag)
-                await self._notify([c.path for c in ev.changes])
+                self._notify([c.path for c in ev.changes])
         return True
 
     # -- environment faults: reported, retried with backoff, never fatal --
@@ -620,13 +620,11 @@ class SyncEngine:
         fault.resync = None
         await self._resync(ev, reason)
 
-    async def _notify(self, paths: list[str]) -> None:
+    def _notify(self, paths: list[str]) -> None:
         if self.on_applied is None or not paths:
             return
         try:
-            result = self.on_applied(paths)
-            if inspect.isawaitable(result):
-                await result
+            self.on_applied(paths)
         except Exception:  # a hook must never stop the sync
             log.exception("sync.on_applied_failed")
 
@@ -864,7 +862,7 @@ class SyncEngine:
             changed=len(changed),
             dropped_held=len(dropped),
         )
-        await self._notify(changed)
+        self._notify(changed)
         await self._apply_ready()
 
     # -- helpers for tests and the app --

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from sidecar.config import Limits
 from sidecar.live.apply import Applier
@@ -550,6 +551,25 @@ async def test_on_applied_hook_and_status(tmp_path: Path) -> None:
         assert events_total(r.metrics, "applied") == 2
         assert reg.get_sample_value("sidecar_apply_lag_seconds_count", ids) == 2
         assert (reg.get_sample_value("sidecar_last_applied_timestamp_seconds", ids) or 0) > 0
+
+
+async def test_failing_on_applied_hook_does_not_stop_the_sync(tmp_path: Path) -> None:
+    """on_applied is a plain sync callback; one that raises is logged and the sync goes on."""
+    calls: list[list[str]] = []
+
+    def hook(paths: list[str]) -> None:
+        calls.append(paths)
+        raise RuntimeError("hook bug")
+
+    async with rig(tmp_path) as r:
+        r.engine.on_applied = hook
+        r.engine.mark_hydrated(Manifest("p1", "s", 0, {}, seq=0))
+        with capture_logs() as logs:
+            r.feed(r.db.update("a.txt", "1"))
+            r.feed(r.db.update("b.txt", "2"))
+            await r.until(lambda: r.converged() and r.engine.last_seq == 2)
+        assert calls == [["a.txt"], ["b.txt"]]
+        assert [e["event"] for e in logs].count("sync.on_applied_failed") == 2
 
 
 # -- Hypothesis: any delivery history converges to the database's final state --
