@@ -30,12 +30,10 @@ content-addressed, under `state_dir/base/` for diffs and merges.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -65,7 +63,7 @@ from sidecar.twoway.conflicts import (
 )
 from sidecar.twoway.merge import is_text, unified_diff
 from sidecar.twoway.upstream import ConflictError, RemoteFile, Upstream, UpstreamError
-from sidecar.twoway.watcher import LocalChange, Watcher, _examine
+from sidecar.twoway.watcher import LocalChange, Watcher, compare
 
 __all__ = [
     "LocalSync",
@@ -153,6 +151,7 @@ class LocalSync:
         self._pending: dict[str, None] = {}
         self._wake = asyncio.Event()
         self._reported: dict[str, str | None] = {}  # path -> hash last broadcast
+        self._verdicts: dict[str, LocalChange] = {}  # the watcher's, not yet handled
 
     def watcher(self, **kwargs: Any) -> Watcher:
         """A Watcher sharing this instance's lock, state and ignore patterns.
@@ -183,8 +182,11 @@ class LocalSync:
             tg.create_task(self._retry_failed(), name="localsync-retry")
             await self._work()
 
-    def enqueue(self, paths: Iterable[str]) -> None:
-        """Queue paths for `run` (or `drain`) to handle."""
+    def enqueue(self, paths: Iterable[str] | Mapping[str, LocalChange]) -> None:
+        """Queue paths for `run` (or `drain`) to handle; given the watcher's verdicts, those
+        are used as they are (the file is not read again until right before a push)."""
+        if isinstance(paths, Mapping):
+            self._verdicts.update(paths)
         for p in paths:
             self._pending[p] = None
         if self._pending:
@@ -255,7 +257,9 @@ class LocalSync:
     async def handle(self, rel: str) -> Outcome:
         """Report and push one path if it holds a local change; its outcome."""
         async with self.lock:
-            ch = await self._examine(rel)
+            ch = self._verdict(rel)
+            if ch is None:
+                ch = await self._examine(rel)
             refused = None if ch is None else self._announce(ch)
         await self.flush_outbox()  # the file:local-change goes out before the push
         if ch is None:
@@ -350,6 +354,15 @@ class LocalSync:
                 )
             await self.flush_outbox()
             await asyncio.sleep(delay)  # the lock is free while we wait
+
+    def _verdict(self, rel: str) -> LocalChange | None:
+        """The watcher's verdict on rel if the state has not moved since it was made (the
+        caller holds the lock). A newer local edit comes with a newer verdict, and the push
+        reads the file once more anyway."""
+        ch = self._verdicts.pop(rel, None)
+        if ch is not None and self.state.get(rel) == ch.known:
+            return ch
+        return None
 
     def _version(self, rel: str) -> int | None:
         known = self.state.get(rel)
@@ -566,14 +579,7 @@ class LocalSync:
 
     async def _examine(self, rel: str, *, keep_base: bool = True) -> LocalChange | None:
         """examine() for rel (caller holds the lock); unchanged bytes are kept as the base."""
-        args = (self.project_dir, rel, self.state, self.limits.max_file_bytes)
-        size = 0
-        with contextlib.suppress(OSError):
-            size = os.lstat(self.project_dir / rel).st_size
-        if size > 512 * 1024:
-            change, data = await asyncio.to_thread(_examine, *args)
-        else:
-            change, data = _examine(*args)
+        change, data = await compare(self.project_dir, rel, self.state, self.limits.max_file_bytes)
         if change is None and data is not None and keep_base:
             known = self.state.get(rel)
             if known is not None and known.sha256:
@@ -737,7 +743,7 @@ class LocalSync:
     async def _write_local(self, ch: LocalChange, data: bytes | None) -> bool:
         """Replace ch's bytes on disk with data (None: delete) if the disk still holds ch."""
         target = resolve_inside(self.project_dir, ch.path)
-        now, _ = _examine(self.project_dir, ch.path, self.state, self.limits.max_file_bytes)
+        now, _ = await compare(self.project_dir, ch.path, self.state, self.limits.max_file_bytes)
         if now is None or now.sha256 != ch.sha256 or now.kind != ch.kind:
             return False
         if data is None:

@@ -43,6 +43,7 @@ __all__ = [
     "IgnoreRules",
     "LocalChange",
     "Watcher",
+    "compare",
     "examine",
 ]
 
@@ -141,13 +142,26 @@ def examine(
     Blocking (reads and hashes the file); call it with the tree lock held. `max_read` > 0:
     files larger than that are hashed in chunks and reported with `data=None`.
     """
-    return _examine(project_dir, rel, state, max_read)[0]
+    return _compare(project_dir, rel, state, max_read)[0]
 
 
-def _examine(
+async def compare(
     project_dir: Path, rel: str, state: StateStore, max_read: int
 ) -> tuple[LocalChange | None, bytes | None]:
-    """examine(), plus the bytes read when the file matched the state."""
+    """examine(), plus the bytes read when the file matched the state (the caller keeps them
+    as the base); large files are read in a worker thread."""
+    try:
+        size = os.lstat(project_dir / rel).st_size
+    except OSError:
+        size = 0
+    if size > THREAD_THRESHOLD:
+        return await asyncio.to_thread(_compare, project_dir, rel, state, max_read)
+    return _compare(project_dir, rel, state, max_read)
+
+
+def _compare(
+    project_dir: Path, rel: str, state: StateStore, max_read: int
+) -> tuple[LocalChange | None, bytes | None]:
     known = state.get(rel)
     target = project_dir / rel
     try:
@@ -261,11 +275,7 @@ class Watcher:
 
     async def examine_locked(self, rel: str) -> LocalChange | None:
         """Compare rel with the state; the caller holds `lock`."""
-        args = (self.project_dir, rel, self.state, self.max_read)
-        if self._size(rel) > THREAD_THRESHOLD:
-            change, data = await asyncio.to_thread(_examine, *args)
-        else:
-            change, data = _examine(*args)
+        change, data = await compare(self.project_dir, rel, self.state, self.max_read)
         if change is None:
             self.echoes += 1
             known = self.state.get(rel)
@@ -273,16 +283,18 @@ class Watcher:
                 self.on_synced(rel, data, str(known.sha256))
         return change
 
-    async def filter_changed(self, paths: Iterable[str]) -> set[str]:
-        """The subset of paths (expanded through directories) that hold local changes."""
-        out: set[str] = set()
+    async def filter_changed(self, paths: Iterable[str]) -> dict[str, LocalChange]:
+        """The paths (expanded through directories) that hold local changes, with the verdict
+        (bytes and sha256) LocalSync uses instead of reading them again."""
+        out: dict[str, LocalChange] = {}
         for rel in sorted(self._expand(paths)):
-            if await self.examine(rel) is not None:
-                out.add(rel)
+            change = await self.examine(rel)
+            if change is not None:
+                out[rel] = change
         self.reported += len(out)
         return out
 
-    async def scan(self) -> set[str]:
+    async def scan(self) -> dict[str, LocalChange]:
         """Compare the whole tree with the state; the paths that hold local changes."""
         candidates = set(await asyncio.to_thread(self._walk, ""))
         candidates.update(p for p, s in self.state.items() if not s.deleted)
@@ -290,11 +302,11 @@ class Watcher:
 
     # -- watching --
 
-    def __aiter__(self) -> AsyncIterator[set[str]]:
+    def __aiter__(self) -> AsyncIterator[dict[str, LocalChange]]:
         return self.changes()
 
-    async def changes(self) -> AsyncIterator[set[str]]:
-        """Watch until cancelled; yield each non-empty set of locally changed paths.
+    async def changes(self) -> AsyncIterator[dict[str, LocalChange]]:
+        """Watch until cancelled; yield each non-empty batch of local changes (path: verdict).
 
         `ready` is set once events are flowing (a probe file was seen). Raises whatever
         watchfiles raises (the project directory vanished, ...).
@@ -379,12 +391,6 @@ class Watcher:
         log.info("watcher.ready", project_dir=str(self.project_dir), debounce_ms=self.debounce_ms)
 
     # -- helpers --
-
-    def _size(self, rel: str) -> int:
-        try:
-            return os.lstat(self.project_dir / rel).st_size
-        except OSError:
-            return 0
 
     def _expand(self, paths: Iterable[str]) -> set[str]:
         """Directories become the files under them, plus known files under them (deletes)."""

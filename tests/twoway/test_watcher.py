@@ -59,7 +59,8 @@ async def running(watcher: Watcher) -> AsyncIterator[Running]:
     r = Running(watcher)
 
     async def consume() -> None:
-        async for batch in watcher:
+        async for verdicts in watcher:
+            batch = set(verdicts)
             r.seen.append(batch)
             r.batches.put_nowait(batch)
 
@@ -381,3 +382,39 @@ async def test_resync_of_thousands_of_files_reports_no_local_change(
             await task
     assert [p["path"] for p in sent] == ["sentinel.txt"]
     assert ls.conflicts_total == 0
+
+
+async def test_localsync_uses_the_watchers_verdict(project: Path, state: StateStore) -> None:
+    """Each change is read once: LocalSync reports what the watcher examined without reading
+    the file again (report-only: no push, so no re-check either)."""
+    sent: list[dict[str, Any]] = []
+    got = asyncio.Event()
+
+    async def send(_event: str, payload: dict[str, Any]) -> None:
+        sent.append(payload)
+        got.set()
+
+    ls = LocalSync(ProjectTree(project, state), project / ".sidecar", Metrics(), send=send)
+    reads: list[str] = []
+    examine = ls._examine
+
+    async def spy(rel: str, **kwargs: Any) -> Any:
+        reads.append(rel)
+        return await examine(rel, **kwargs)
+
+    ls._examine = spy  # type: ignore[method-assign]
+    w = ls.watcher()
+    task = asyncio.create_task(ls.run(w))
+    try:
+        async with asyncio.timeout(10):
+            await w.ready.wait()
+        (project / "new.txt").write_bytes(b"hello\n")
+        async with asyncio.timeout(10):
+            await got.wait()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert [p["path"] for p in sent] == ["new.txt"]
+    assert sent[0]["new_hash"] == sha(b"hello\n")
+    assert reads == []
