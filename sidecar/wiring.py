@@ -104,15 +104,15 @@ class Live:
 
     def refresh(self, health: HealthState) -> None:
         """Copy the live status into `health` (before every /readyz and /status answer)."""
-        health.subscribed = self.subscription.is_joined
+        health.subscribed = self.subscription.status().joined
         st = self.engine.status()
-        health.last_seq = st["last_seq"]
-        health.lag_seconds = st["lag"]
-        health.last_event_at = st["last_applied_at"]
-        health.counts = dict(st["counts"])
-        if st["last_error"]:
-            health.last_error = st["last_error"]
-        health.fault = st["fault"]["message"] if st["fault"] else None
+        health.last_seq = st.last_seq
+        health.lag_seconds = st.lag
+        health.last_event_at = st.last_applied_at
+        health.counts = dict(st.counts)
+        if st.last_error:
+            health.last_error = st.last_error
+        health.fault = st.fault.message if st.fault is not None else None
         if self.tokens.last_refusal:  # a rotation to a service_role token: alarmed, not fatal
             health.last_error = self.tokens.last_refusal
 

@@ -40,7 +40,16 @@ from sidecar.metrics import Metrics
 from sidecar.retry import backoff_delay
 from sidecar.snapshot.manifest import Manifest
 
-__all__ = ["CatchUpFn", "ChannelLink", "Inbound", "ResyncFn", "SyncEngine", "SyncTuning"]
+__all__ = [
+    "CatchUpFn",
+    "ChannelLink",
+    "FaultStatus",
+    "Inbound",
+    "ResyncFn",
+    "SyncEngine",
+    "SyncStatus",
+    "SyncTuning",
+]
 
 log = structlog.get_logger(component="sync")
 
@@ -87,6 +96,37 @@ class SyncTuning:
     coalesce: bool = True
     fault_backoff_initial: float = 0.2  # first retry after a full disk / read-only fault
     fault_backoff_max: float = 5.0  # so the tree converges within seconds once space is back
+
+
+@dataclass(frozen=True, slots=True)
+class FaultStatus:
+    """An environment fault being retried (disk full, read-only...), as /status shows it."""
+
+    kind: str
+    message: str
+    since: float  # unix
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class SyncStatus:
+    """What the engine reports for /status and /readyz (sidecar/wiring.py copies it into
+    HealthState, sidecar/health.py serialises it)."""
+
+    hydrated: bool
+    last_seq: int | None
+    lag: float  # seconds the oldest unprocessed message has waited
+    apply_lag: float | None  # seconds from the last applied event's timestamp to its write
+    buffered: int  # queued, buffered until hydrated, or held past a gap
+    held: int
+    gap: str | None  # GapPhase value while a seq gap is open
+    snapshot_requested: bool
+    last_event_at: float | None
+    last_applied_at: float | None
+    resyncs: int
+    counts: dict[str, int]
+    last_error: str | None
+    fault: FaultStatus | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,36 +305,30 @@ class SyncEngine:
         finally:
             self._ready_waiters = [(f, t) for f, t in self._ready_waiters if f is not fut]
 
-    def status(self) -> dict[str, Any]:
-        """Fields for /status and /readyz."""
+    def status(self) -> SyncStatus:
+        """A snapshot of the engine's state for /status and /readyz."""
         now = time.time()
         pending = self.queue.qsize() + len(self._buffer) + len(self._held)
         oldest = min((i.received_at for i in self._held.values()), default=None)
         if self._inflight_since is not None:
             oldest = min(oldest or self._inflight_since, self._inflight_since)
-        return {
-            "hydrated": self.hydrated.is_set(),
-            "last_seq": self.last_seq,
-            "lag": round(now - oldest, 3) if oldest is not None else 0.0,
-            "apply_lag": self.last_apply_lag,
-            "buffered": pending,
-            "held": len(self._held),
-            "gap": None if self._gap is None else self._gap.phase.value,
-            "snapshot_requested": self._request is not None,
-            "last_event_at": self.last_event_at,
-            "last_applied_at": self.last_applied_at,
-            "resyncs": self.resyncs,
-            "counts": dict(self.counts),
-            "last_error": self.last_error,
-            "fault": None
-            if self._fault is None
-            else {
-                "kind": self._fault.kind,
-                "message": self._fault.message,
-                "since": self._fault.since,
-                "attempts": self._fault.attempts,
-            },
-        }
+        f = self._fault
+        return SyncStatus(
+            hydrated=self.hydrated.is_set(),
+            last_seq=self.last_seq,
+            lag=round(now - oldest, 3) if oldest is not None else 0.0,
+            apply_lag=self.last_apply_lag,
+            buffered=pending,
+            held=len(self._held),
+            gap=None if self._gap is None else self._gap.phase.value,
+            snapshot_requested=self._request is not None,
+            last_event_at=self.last_event_at,
+            last_applied_at=self.last_applied_at,
+            resyncs=self.resyncs,
+            counts=dict(self.counts),
+            last_error=self.last_error,
+            fault=None if f is None else FaultStatus(f.kind, f.message, f.since, f.attempts),
+        )
 
     # -- main loop --
 

@@ -36,7 +36,13 @@ from sidecar.metrics import Metrics
 from sidecar.redact import redact
 from sidecar.retry import backoff_delay
 
-__all__ = ["AUTH_ERROR_CODES", "OnMessage", "Subscription", "SubscriptionTuning"]
+__all__ = [
+    "AUTH_ERROR_CODES",
+    "OnMessage",
+    "Subscription",
+    "SubscriptionStatus",
+    "SubscriptionTuning",
+]
 
 log = structlog.get_logger(component="subscription")
 
@@ -117,6 +123,19 @@ def _reason_of(err: BaseException | None) -> str:
             if isinstance(doc.get(key), str):
                 return str(doc[key])[:300]
     return text[:300]
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionStatus:
+    """What the subscription reports (Subscription.status())."""
+
+    joined: bool
+    rebuilds: int
+    rejoins: int
+    last_received_at: float | None
+    last_live_at: float | None
+    last_error: str | None
+    token_expires_at: float | None
 
 
 class _Build:
@@ -298,17 +317,17 @@ class Subscription:
         self._pending.append((event, payload))
         log.info("subscription.send_queued", event_name=event, queued=len(self._pending))
 
-    def status(self) -> dict[str, Any]:
-        """Fields for /status."""
-        return {
-            "joined": self.is_joined,
-            "rebuilds": self.rebuilds,
-            "rejoins": self.rejoins,
-            "last_received_at": self.last_received_at,
-            "last_live_at": self.last_live_at,
-            "last_error": self.last_error,
-            "token_expires_at": self.tokens.expires_at,
-        }
+    def status(self) -> SubscriptionStatus:
+        """A snapshot of the subscription's state (sidecar/wiring.py reads `joined`)."""
+        return SubscriptionStatus(
+            joined=self.is_joined,
+            rebuilds=self.rebuilds,
+            rejoins=self.rejoins,
+            last_received_at=self.last_received_at,
+            last_live_at=self.last_live_at,
+            last_error=self.last_error,
+            token_expires_at=self.tokens.expires_at,
+        )
 
     async def run(self) -> None:
         """Subscribe and keep the subscription alive until cancelled.

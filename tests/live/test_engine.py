@@ -301,7 +301,7 @@ async def test_gap_filled_by_rejoin_replay(tmp_path: Path) -> None:
         assert r.link.rejoins[0] <= int(t0 * 1000)  # since <= receive time of seq 1 - margin
         assert r.link.rejoins[0] >= int((t0 - FAST.replay_margin - 1) * 1000)
         assert not [e for e, _ in r.link.sent if e == "snapshot:request"]
-        assert r.engine.status()["gap"] is None
+        assert r.engine.status().gap is None
         assert r.engine.last_seq == 5
 
 
@@ -474,7 +474,7 @@ async def test_events_without_seq_apply_directly(tmp_path: Path) -> None:
             r.feed(m)
         await r.until(r.converged)
         assert r.engine.last_seq is None
-        assert r.engine.status()["gap"] is None
+        assert r.engine.status().gap is None
 
 
 async def test_burst_is_coalesced(tmp_path: Path) -> None:
@@ -542,10 +542,10 @@ async def test_on_applied_hook_and_status(tmp_path: Path) -> None:
         await r.until(lambda: len(seen) == 2)
         assert seen == [["a.txt"], ["dir/b.txt"]]
         s = r.engine.status()
-        assert s["last_seq"] == 2
-        assert s["counts"]["applied"] == 2
-        assert s["buffered"] == 0
-        assert s["last_event_at"] is not None
+        assert s.last_seq == 2
+        assert s.counts["applied"] == 2
+        assert s.buffered == 0
+        assert s.last_event_at is not None
         reg = r.metrics.registry
         ids = {"project_id": "p1", "session_id": "s1"}
         assert events_total(r.metrics, "applied") == 2
@@ -862,7 +862,7 @@ async def test_network_gap_replay_then_snapshot(tmp_path: Path, snapshot_server:
             )
             await until(converged)
             assert engine.resyncs == 1
-            assert engine.status()["gap"] is None
+            assert engine.status().gap is None
         finally:
             for t in tasks:
                 t.cancel()

@@ -369,7 +369,7 @@ class SyncAgainstDatabase(RuleBasedStateMachine):
                     self.link.rejoins = 0
                     for msg in self.db.log[-REPLAY_LIMIT:]:
                         sc.engine.on_message(msg[0], dict(msg[1]), {**msg[2], "replayed": True})
-                elif sc.engine.status()["snapshot_requested"]:
+                elif sc.engine.status().snapshot_requested:
                     msg = await self._publish_snapshot(self.db.seq)
                     sc.engine.on_message(msg[0], dict(msg[1]), dict(msg[2]))
                 await asyncio.sleep(0.02)

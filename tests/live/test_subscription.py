@@ -138,7 +138,7 @@ async def test_joins_and_receives(rt: RealtimeServer) -> None:
         assert (event, payload["n"]) == ("test", "hello")
         assert meta == {"id": row}
         assert h.metrics.connected._value.get() == 1
-        assert h.sub.status()["joined"] is True
+        assert h.sub.status().joined is True
     assert h.metrics.connected._value.get() == 0
 
 
@@ -284,7 +284,7 @@ async def test_fault_is_survived(rt: RealtimeServer, fault: str) -> None:
         assert h.ids("before") == ["before"]
         assert h.ids("during") == ["during"]
         assert h.ids("after") == ["after"]
-        assert h.sub.status()["joined"]
+        assert h.sub.status().joined
 
 
 async def test_stall_is_caught_by_the_supervisor_ping(rt: RealtimeServer) -> None:
