@@ -91,10 +91,6 @@ class HealthState:
             reasons.append("stopping")
         return reasons
 
-    def count(self, key: str, n: int = 1) -> None:
-        """Add n to counts[key]."""
-        self.counts[key] = self.counts.get(key, 0) + n
-
     def status(self) -> dict[str, Any]:
         """The /status document, every string redacted."""
         doc = {

@@ -134,8 +134,7 @@ async def test_status_is_redacted(
     register_secret(literal)
     state.snapshot_id = "snap-7"
     state.last_seq = 41
-    state.count("applied", 3)
-    state.count("applied")
+    state.counts["applied"] = 4
     state.conflicts.append({"path": "a.txt", "policy": "remote-wins", "detail": JWT})
     state.last_error = f"refused {JWT} fetching {SIGNED_URL} with {literal}"
     state.child_pid = 1234

@@ -899,12 +899,6 @@ class SyncEngine:
         self._notify(changed)
         await self._apply_ready()
 
-    # -- helpers for tests and the app --
-
-    def pending_paths(self) -> Sequence[str]:
-        """Paths of events held past a gap (for /status diagnostics)."""
-        return sorted({c.path for i in self._held.values() for c in i.ev.changes})
-
 
 def _covers(snapshot_seq: int | None, needs: int | None) -> bool:
     """Whether a snapshot at snapshot_seq includes the change at seq `needs`."""

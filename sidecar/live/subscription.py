@@ -261,11 +261,6 @@ class Subscription:
         """True while the current channel is joined."""
         return self.joined.is_set()
 
-    @property
-    def last_frame_at(self) -> float | None:
-        """Unix time of the last broadcast received (None before the first)."""
-        return self.last_received_at
-
     async def wait_joined(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Wait until the channel is joined (TimeoutError after `timeout`)."""
         async with asyncio.timeout(timeout):
