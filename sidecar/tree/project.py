@@ -18,13 +18,20 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import structlog
+
 from sidecar.config import Limits
+from sidecar.errors import EnvironmentFaultError
 from sidecar.tree.state import FileState, StateStore
 
 if TYPE_CHECKING:  # prometheus_client is not needed by the one-shot `sidecar hydrate`
     from sidecar.metrics import Metrics
 
 __all__ = ["META_OWED", "ProjectTree", "Quota", "snapshot_keeps"]
+
+log = structlog.get_logger("tree")
+
+_UNSAVED = object()  # no owed-snapshot record waiting for a commit that succeeds
 
 META_OWED = "resync.owed"  # {"reason", "needs"} while a snapshot must repair given-up events
 
@@ -108,6 +115,7 @@ class ProjectTree:
         # Hydrations of one tree run one at a time (a resync racing the start-up one).
         self.hydrating = asyncio.Lock()
         self.quota = Quota(self.limits)
+        self._owed_pending: object = _UNSAVED
         if metrics is not None:
             metrics.quota_bytes.set(self.limits.max_bytes)
         self.recount()
@@ -158,9 +166,18 @@ class ProjectTree:
     def owe_snapshot(self, reason: str | None, needs: int | None = None) -> None:
         """Record (or, with reason None, clear) the snapshot owed to the tree."""
         owed = None if reason is None else {"reason": reason, "needs": needs}
-        if owed is None and self.state.meta(META_OWED) is None:
+        if owed is None and self.state.meta(META_OWED) is None and self._owed_pending is _UNSAVED:
             return
-        self.state.update(meta={META_OWED: owed})
+        try:
+            self.state.update(meta={META_OWED: owed})
+        except EnvironmentFaultError as exc:
+            # A full or read-only disk must not end the sidecar here: the request goes out
+            # anyway, and the record only matters after a restart; the next commit that
+            # succeeds carries it (tests/e2e/test_environment.py, the resync on a full disk).
+            self._owed_pending = owed
+            log.warning("tree.owed_snapshot_unsaved", reason=reason, error=str(exc))
+        else:
+            self._owed_pending = _UNSAVED
 
     # -- the only writers of rows and seq --
 
@@ -175,6 +192,8 @@ class ProjectTree:
         when it wrote files. `seq` only moves forward."""
         records = records or {}
         extra: dict[str, object] = dict(meta or {})
+        if self._owed_pending is not _UNSAVED:
+            extra.setdefault(META_OWED, self._owed_pending)
         current = self.seq
         if seq is not None and (current is None or seq > current):
             extra["seq"] = seq
@@ -182,6 +201,8 @@ class ProjectTree:
             return
         olds = [(self.state.get(p), new) for p, new in records.items()]
         self.state.update(records, extra)
+        if META_OWED in extra:
+            self._owed_pending = _UNSAVED
         for old, new in olds:
             self.quota._move(old, new)
         self._publish_metrics(bool(records), _int(extra.get("seq")))
