@@ -1,4 +1,4 @@
-"""Gap recovery's phases (delta rule 5), in the order the sync engine walks them.
+"""Gap recovery's phases (delta rule 5 in sidecar/live/__init__.py), in the order the sync engine walks them.
 
 A seq gap first waits briefly in case it is plain reordering (`REORDER`), then the engine
 rejoins with replay since its last applied event (`REPLAY`); when replay cannot fill it, the

@@ -499,7 +499,7 @@ def test_directories_of_an_interrupted_publish_are_removed_by_the_next_one(
 def test_older_snapshot_never_takes_a_path_back(
     tmp_path: Path, project: Path, state: StateStore
 ) -> None:
-    """Delta rule 7: publishing a snapshot older than what was applied keeps, path by path,
+    """Delta rule 7 (sidecar/live/__init__.py): publishing a snapshot older than what was applied keeps, path by path,
     the newer side. The state (events up to seq 9) knows keep.txt at v5 and gone.txt deleted
     at v4, and new.txt created at seq 8; the snapshot (seq 6) has keep.txt v3, gone.txt v2 and
     old.txt v1, and lacks new.txt and stale.txt (recorded at seq 5: deleted by seq 6)."""
