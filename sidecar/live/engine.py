@@ -171,6 +171,11 @@ class _Item:
 class SyncEngine:
     """Consumes (event, payload, meta) from the subscription and keeps PROJECT_DIR converged.
 
+    Large (about 700 lines) because ordering and recovery share one state: the held events,
+    the pre-hydration buffer, `last_seq` and the outstanding snapshot request are read and
+    changed by admission, gap recovery and resync alike. The phases are named in
+    `live/recovery.py`; moving their steps there too is the next split.
+
     Args:
         applier: applies file changes (rules 1, 2, 3, 6) and records versions and seq through
             its ProjectTree (`applier.tree`: meta seq, snapshot_id, created_at).

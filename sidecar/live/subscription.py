@@ -178,6 +178,10 @@ class _Build:
 class Subscription:
     """Supervises realtime-py on `settings.topic`; hands (event, payload, meta) to on_message.
 
+    Large (about 600 lines) because rebuilding a client, judging its health and computing the
+    replay start after each loss are one supervision loop over one generation of client;
+    every touch of realtime-py's internals is in `live/_realtime_py.py`.
+
     Args:
         settings: REALTIME_URL, REALTIME_APIKEY (anon/publishable key), topic, heartbeat_window,
             rebuild backoffs.

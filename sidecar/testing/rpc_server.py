@@ -195,6 +195,10 @@ Listener = Callable[[str, str, dict[str, Any]], None]
 class RpcServer(TokenIssuer, LoopbackServer):
     """PostgREST-style RPC server over an in-memory `project_files` table; async ctx manager.
 
+    Large (about 500 lines) because it is a second implementation of the migration's RPCs
+    (sidecar/sql/001_sidecar.sql) for fast unit tests, with fault knobs; the gateway over
+    PostgreSQL (`gateway.py`) is the reference.
+
     Args:
         realtime: where changes are broadcast (a RealtimeServer, or anything with `send_db`).
         jwt_secret: HS256 secret for tokens (default: the realtime server's, else random).

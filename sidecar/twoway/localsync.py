@@ -84,6 +84,11 @@ GC_EVERY_PUTS = 256  # base copies written between two clean-ups of unreferenced
 class LocalSync:
     """Reports and pushes local changes and resolves conflicts (see the module docstring).
 
+    Large (about 700 lines) because it carries out both conflict flows (a push refused as
+    stale, a remote update over a local edit) under the tree lock, with their retries; the
+    decisions themselves are pure functions in `twoway/conflicts.py` and the merge bases live
+    in `twoway/bases.py`.
+
     Args:
         tree: the project tree (its state is what the sidecar last synced; every write and
             record here happens under its lock).

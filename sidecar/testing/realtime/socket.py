@@ -167,7 +167,12 @@ def payload_size(payload: Any) -> int:
 
 
 class RealtimeSocket:
-    """One accepted WebSocket connection (a Phoenix transport process) and its channels."""
+    """One accepted WebSocket connection (a Phoenix transport process) and its channels.
+
+    Large (about 640 lines) because it follows Realtime's channel process message by message
+    (join checks, access_token refresh, heartbeats, relay) so that realtime-py and
+    realtime-js meet the same answers as on Supabase (tests/testing/test_realtime_server.py).
+    """
 
     def __init__(
         self,
