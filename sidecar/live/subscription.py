@@ -254,6 +254,7 @@ class Subscription:
         self._auth_fail_token = 0
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._pending: deque[tuple[str, dict[str, Any]]] = deque()
+        self._flushing = False  # a _flush_pending task is running
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = False
         self._warned_rotation = 0
@@ -302,7 +303,9 @@ class Subscription:
         """Broadcast on the channel; while not joined the message is queued (bounded) and sent
         after the next join, the oldest being dropped (and logged) when the queue is full."""
         b = self._build
-        if b is not None and self.is_joined and not b.closed:
+        # Only with nothing queued: messages queued before the join are flushed by a task that
+        # may not have run yet, and a direct send would overtake them.
+        if b is not None and self.is_joined and not b.closed and not self._pending:
             try:
                 await b.channel.send_broadcast(event, payload)
             except Exception as exc:  # noqa: BLE001 - the socket died under us: queue it
@@ -315,6 +318,8 @@ class Subscription:
             log.warning("subscription.send_dropped", event_name=dropped, queued=len(self._pending))
         self._pending.append((event, payload))
         log.info("subscription.send_queued", event_name=event, queued=len(self._pending))
+        if self.is_joined and not self._flushing:
+            self._spawn(self._flush_pending())
 
     def status(self) -> SubscriptionStatus:
         """A snapshot of the subscription's state (sidecar/wiring.py reads `joined`)."""
@@ -765,15 +770,23 @@ class Subscription:
         task.add_done_callback(self._tasks.discard)
 
     async def _flush_pending(self) -> None:
-        while self._pending and self.is_joined and self._build is not None:
-            event, payload = self._pending.popleft()
-            try:
-                await self._build.channel.send_broadcast(event, payload)
-            except Exception as exc:  # noqa: BLE001 - requeue; the next join retries
-                self._pending.appendleft((event, payload))
-                log.warning("subscription.send_failed", event_name=event, error=type(exc).__name__)
-                return
-            log.info("subscription.sent_queued", event_name=event)
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
+            while self._pending and self.is_joined and self._build is not None:
+                event, payload = self._pending.popleft()
+                try:
+                    await self._build.channel.send_broadcast(event, payload)
+                except Exception as exc:  # noqa: BLE001 - requeue; the next join retries
+                    self._pending.appendleft((event, payload))
+                    log.warning(
+                        "subscription.send_failed", event_name=event, error=type(exc).__name__
+                    )
+                    return
+                log.info("subscription.sent_queued", event_name=event)
+        finally:
+            self._flushing = False
 
     async def _follow_tokens(self) -> None:
         """Deliver every rotated token to the live client (set_auth) or rebuild with it."""
