@@ -30,6 +30,8 @@ SLOW = {
     "live/test_subscription.py::test_refused_token_is_fatal": "the auth-failure window",
     "live/test_subscription.py::test_stall_is_caught_by_the_supervisor_ping": "ping timeout",
     "live/test_subscription.py::test_idle_channel_sends_at_most_one_ping_per_interval": "intervals",
+    "live/test_tokens.py::test_idle_token_file_watch_wakes_rarely": "measures 3 s at rest",
+    "live/test_subscription.py::test_message_over_1_mib_costs_one_reconnect_not_a_loop": "reconnect",
     "orch/test_token.py::test_minted_token_is_scoped_to_its_project": "subprocess per key type",
     "orch/test_token.py::test_refusals_are_one_line_config_errors": "a subprocess per refusal",
     "snapshot/test_build.py::test_cli_builds_with_created_at_or_source_date_epoch_are_byte_for_byte_equal": "CLI subprocesses",
