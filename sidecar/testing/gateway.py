@@ -166,7 +166,7 @@ class Gateway(TokenIssuer, LoopbackServer):
             if self.faults.drop_first > 0:
                 self.faults.drop_first -= 1
                 return _drop(request)
-            self._injected_failure()
+            self.faults.raise_injected()
             claims = self._claims(request)
             args = await _arguments(request)
             started = time.perf_counter()
@@ -212,15 +212,6 @@ class Gateway(TokenIssuer, LoopbackServer):
             return web.json_response(body, status=503)
         finally:
             self.calls.append((name, status))
-
-    def _injected_failure(self) -> None:
-        if self.faults.fail_first > 0:
-            self.faults.fail_first -= 1
-            raise RpcError(
-                self.faults.fail_status,
-                "PGRST000",
-                "Could not connect with the database due to an injected fault",
-            )
 
     async def _handle_health(self, _request: web.Request) -> web.Response:
         return web.json_response({"ok": True})

@@ -183,6 +183,16 @@ class RpcFaults:
     gated: int = 0
     content_trickle: float | None = None  # bytes per second for content_url bodies
 
+    def raise_injected(self) -> None:
+        """Raise the injected failure if `fail_first` still counts (each call uses one)."""
+        if self.fail_first > 0:
+            self.fail_first -= 1
+            raise RpcError(
+                self.fail_status,
+                "PGRST000",
+                "Could not connect with the database due to an injected fault",
+            )
+
     def reset(self) -> None:
         """Clear every fault."""
         for f in fields(self):
@@ -516,7 +526,7 @@ class RpcServer(TokenIssuer, LoopbackServer):
                 self.faults.drop_first -= 1
                 status = 0
                 return _drop(request)
-            self._injected_failure()
+            self.faults.raise_injected()
             claims = self._authenticate(request)
             args = await self._arguments(request, name)
             project = _str_arg(args, "project_uuid")
@@ -535,15 +545,6 @@ class RpcServer(TokenIssuer, LoopbackServer):
             return web.json_response(exc.body, status=exc.status)
         finally:
             self.calls.append((name, status))
-
-    def _injected_failure(self) -> None:
-        if self.faults.fail_first > 0:
-            self.faults.fail_first -= 1
-            raise RpcError(
-                self.faults.fail_status,
-                "PGRST000",
-                "Could not connect with the database due to an injected fault",
-            )
 
     async def _call(
         self, name: str, project: str, args: Mapping[str, Any], sender: str | None
