@@ -7,6 +7,7 @@ bsdtar then archive the root itself as a `./` directory member and every path as
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -29,6 +30,16 @@ from .test_extract import make_src, tree
 TAR = shutil.which("tar")
 BSDTAR = shutil.which("bsdtar")  # Debian: apt-get install libarchive-tools
 ZSTD = shutil.which("zstd")
+
+
+def test_the_producers_tools_are_there_in_ci() -> None:
+    """The tests below skip without GNU tar, bsdtar or zstd; CI (scripts/install) has them."""
+    if os.environ.get("CI", "").lower() != "true":
+        pytest.skip("checked only where CI=true")
+    missing = [
+        name for name, path in (("tar", TAR), ("bsdtar", BSDTAR), ("zstd", ZSTD)) if not path
+    ]
+    assert not missing, f"scripts/install should have installed {missing}"
 
 
 @pytest.fixture
