@@ -96,6 +96,13 @@ class RealtimeSettings:
     rebuild_backoff_max: float = 30.0
     auth_fail_window: float = 120.0  # refusals with no newer token for this long are fatal
 
+    def check_channel(self) -> None:
+        """Raise ConfigError unless the channel can be subscribed to (the token aside)."""
+        if not self.url:
+            raise ConfigError("REALTIME_URL is required to subscribe")
+        if not self.apikey:
+            raise ConfigError("REALTIME_APIKEY (the anon/publishable key) is required")
+
 
 @dataclass(frozen=True, slots=True)
 class TwoWaySettings:

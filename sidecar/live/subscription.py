@@ -29,7 +29,7 @@ from realtime import AsyncRealtimeChannel, AsyncRealtimeClient, RealtimeSubscrib
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from sidecar.config import RealtimeSettings
-from sidecar.errors import ConfigError, RealtimeAuthError, SidecarError
+from sidecar.errors import RealtimeAuthError, SidecarError
 from sidecar.live import _realtime_py as rtpy
 from sidecar.live.tokens import TokenSource
 from sidecar.metrics import Metrics
@@ -190,7 +190,10 @@ class Subscription:
             `meta.id`; must only enqueue. Exceptions are logged and swallowed.
         tokens: where the scoped JWT comes from. When None one is built from settings and its
             file watcher runs inside `run()`; when given, the caller runs `tokens.run()`.
-        replay_since_ms: replay start of the first join (e.g. the snapshot's created_at).
+        replay_since_ms: the snapshot's created_at: the first join replays from
+            `tuning.replay_margin` before it, since replay compares with a row's inserted_at,
+            its transaction's start, and a write that started before the snapshot was read
+            but committed after it is not in the snapshot (tests/e2e/test_pg.py).
         tuning: timing knobs (tests make them small).
     """
 
@@ -205,10 +208,7 @@ class Subscription:
         tuning: SubscriptionTuning | None = None,
         on_lost: OnLost | None = None,
     ) -> None:
-        if not settings.url:
-            raise ConfigError("REALTIME_URL is required to subscribe")
-        if not settings.apikey:
-            raise ConfigError("REALTIME_APIKEY (the anon/publishable key) is required")
+        settings.check_channel()
         self.settings = settings
         self.metrics = metrics
         self.on_message = on_message
@@ -237,7 +237,7 @@ class Subscription:
         self.rebuilds = 0
         self.rejoins = 0
         self.duplicates = 0
-        self._since_ms = replay_since_ms
+        self._since_ms = None if replay_since_ms is None else self._margin_before(replay_since_ms)
         self._joined_before = False
         self._build: _Build | None = None
         self._gen = 0
@@ -272,12 +272,13 @@ class Subscription:
             await self.joined.wait()
 
     def set_replay_since(self, ms: int, *, rejoin: bool = False) -> None:
-        """Replay from `ms` (unix epoch milliseconds) on the next join.
+        """Replay from the snapshot time `ms` (unix epoch milliseconds, minus the replay
+        margin as in __init__) on the next join.
 
         With rejoin=True and a current join that asked for a later start (or none), the channel
-        is rebuilt now so the server replays from `ms`.
+        is rebuilt now so the server replays from there.
         """
-        ms = int(ms)
+        ms = self._margin_before(ms)
         if rejoin and self._covered_from is not None and self._covered_from > ms:
             self.rejoin(ms)
             return
@@ -572,6 +573,9 @@ class Subscription:
                 return self._floored(self._since_ms)
             candidates.append(self._since_ms)
         return self._floored(max(candidates)) if candidates else self._replay_floor
+
+    def _margin_before(self, ms: int) -> int:
+        return int(ms) - int(self.tuning.replay_margin * 1000)
 
     def _floored(self, since: int) -> int:
         return since if self._replay_floor is None else max(since, self._replay_floor)

@@ -103,6 +103,7 @@ async def running(
     tuning: SubscriptionTuning = TUNING,
     tokens: TokenSource | None = None,
     join: bool = True,
+    replay_since_ms: int | None = None,
 ) -> AsyncIterator[Harness]:
     metrics = Metrics("p1", "s1")
     received: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = []
@@ -114,6 +115,7 @@ async def running(
         lambda e, p, m: received.append((e, p, m)),
         tokens=tokens,
         tuning=tuning,
+        replay_since_ms=replay_since_ms,
     )
     task = asyncio.create_task(sub.run())
     h = Harness(rt, sub, task, metrics, received)
@@ -427,7 +429,8 @@ async def test_refused_token_recovers_when_a_new_token_arrives(
 
 async def test_set_replay_since_rejoins_for_older_history(rt: RealtimeServer) -> None:
     """set_replay_since(ms, rejoin=True) with a start older than the current join's rebuilds the
-    channel with exactly that `since`, so the server replays what was sent before."""
+    channel with that `since` less the replay margin, so the server replays what was sent
+    before."""
     t_before = int(time.time() * 1000) - 50
     rt.send_db(TOPIC, "test", {"n": "old"})
     tuning = SubscriptionTuning(
@@ -445,12 +448,23 @@ async def test_set_replay_since_rejoins_for_older_history(rt: RealtimeServer) ->
         await h.arrives("old")
         assert (
             rt.frames_in("phx_join", TOPIC)[-1]["payload"]["config"]["broadcast"]["replay"]["since"]
-            == t_before
+            == t_before - 1000
         )
         joins = len(rt.frames_in("phx_join", TOPIC))
         h.sub.set_replay_since(t_before + 1, rejoin=True)  # not older: no rebuild
         await asyncio.sleep(0.3)
         assert len(rt.frames_in("phx_join", TOPIC)) == joins
+
+
+async def test_first_join_replays_from_a_margin_before_the_snapshot(rt: RealtimeServer) -> None:
+    """The first join asks for replay from the snapshot's created_at less the replay margin:
+    replay compares with inserted_at, the writing transaction's start, so a write that started
+    before the snapshot was read and committed after it is inside the window."""
+    created_at = int(time.time() * 1000)
+    tuning = dataclasses.replace(TUNING, replay_margin=2.5)
+    async with running(rt, tuning=tuning, replay_since_ms=created_at):
+        [join] = rt.frames_in("phx_join", TOPIC)
+        assert join["payload"]["config"]["broadcast"]["replay"]["since"] == created_at - 2500
 
 
 async def test_raising_callback_does_not_kill_delivery(rt: RealtimeServer) -> None:
