@@ -1,9 +1,10 @@
 """The sidecar's life in three named phases, as uvicorn's `Server.serve`.
 
-`startup()` opens the HTTP session, builds every component (`sidecar/wiring.py`), installs the
-signal handlers and starts the health listener (unready) and the PID-1 reaper. `steady()` is
-the one TaskGroup: subscribe (events buffer) -> hydrate -> apply the buffer -> after-hydrate
-hook -> child -> sync, hooks and local changes, until a signal or the child's exit. `shutdown()`
+`startup()` builds every component (`sidecar/wiring.py`), installs the signal handlers and
+starts the health listener (unready) and the PID-1 reaper. `steady()` is the one TaskGroup:
+load the live stack and subscribe (events buffer) while hydrating -> apply the buffer ->
+after-hydrate hook -> child -> sync, hooks and local changes, until a signal or the child's
+exit. The child waits for the files, not for the live stack's imports. `shutdown()`
 stops the child, persists LocalSync's bases and closes what startup opened, in reverse order;
 every step runs, and each failure is logged and collected (aiohttp's `CleanupContext`), then
 raised unless a failure of the steady state is already on its way out.
@@ -138,15 +139,9 @@ class Sidecar:
         reaper. Every step registers its undo with the teardown, which shutdown() runs."""
         settings = self.settings
         check_dirs(settings.project_dir, settings.state_dir)
-        http = None
-        if settings.realtime.url:
-            # Only the live path fetches over HTTP with aiohttp (large contents, RPCs); without
-            # Realtime the child starts without importing it (tests/e2e/test_startup_imports.py).
-            import aiohttp
-
-            http = aiohttp.ClientSession()
-            self._teardown.push("http", http.close)
-        c = build(settings, self.cmd, http=http)
+        c = build(settings, self.cmd)
+        # Closed last: the live stack's HTTP session (large contents, RPCs), once it is loaded.
+        self._teardown.push("live", c.live.close)
         self._teardown.push("state", _as_async(c.state.close))
         # What a kill left behind: downloads and staged writes (never visible in the project).
         swept = fsio.sweep_temp(
@@ -184,8 +179,8 @@ class Sidecar:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(_raise_when_set(self.stop), name="stop")
-                for name, coro in c.live.tasks().items():
-                    tg.create_task(coro, name=name)
+                # Subscribes while hydrating (delta rule 4, sidecar/live/__init__.py).
+                c.live.start(tg)
                 await self._bring_up(c, tg)
         except* _Shutdown:
             pass
@@ -250,7 +245,7 @@ class Sidecar:
         first_error = SnapshotUnavailableError("SNAPSHOT_URL is not set")
         if url is not None:
             try:
-                return await hydrate(settings, c.tree, c.metrics, session=c.http)
+                return await hydrate(settings, c.tree, c.metrics)
             except SnapshotUnavailableError as exc:
                 first_error = exc
         if not c.live.enabled:
@@ -270,7 +265,6 @@ class Sidecar:
             url=ready.snapshot_url,
             sha256=ready.sha256,
             snapshot_id=ready.snapshot_id,
-            session=c.http,
         )
 
     async def _after_hydrate(self, c: Components) -> None:

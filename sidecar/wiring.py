@@ -1,8 +1,15 @@
 """Build every component of one sidecar once and connect them; nothing here starts a task.
 
-`build(settings, cmd, http=...)` returns `Components`: the app's phases (`sidecar/app.py`) only
-start, await and stop what is in it. A feature that is switched off is a null object with the
-same methods (`NoLive`, `NoLocalChanges`, `NoHooks`, `NoChild`), so no phase tests for None.
+`build(settings, cmd)` returns `Components`: the app's phases (`sidecar/app.py`) only start,
+await and stop what is in it. A feature that is switched off is a null object with the same
+methods (`NoLive`, `NoLocalChanges`, `NoHooks`, `NoChild`), so no phase tests for None.
+
+With REALTIME_URL the live stack (aiohttp, realtime-py with pydantic, the engine, LocalSync) is
+built by `LiveLoader` once its modules are imported in a worker thread, which costs 0.2-0.3 s of
+CPU: the subscription starts as soon as they are there, while hydration goes on, and the child
+does not wait for them (what arrived before the join is replayed since the snapshot's
+created_at, delta rule 4 in `sidecar/live/__init__.py`). What can refuse the configuration (the
+token, the channel settings) is checked here, before anything starts.
 
 Two references are cyclic by nature and are closed with a closure over a name bound a few lines
 below, instead of by assigning attributes after construction: the subscription delivers into the
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -36,9 +44,9 @@ from sidecar.tree.project import ProjectTree
 from sidecar.tree.state import StateStore
 
 if TYPE_CHECKING:
-    # Imported where they are built, only when the feature is on: without REALTIME_URL the
-    # child starts without importing realtime-py, pydantic, watchfiles or the two-way code
-    # (tests/e2e/test_startup_imports.py).
+    # Imported where they are built, only when the feature is on, and the live stack only in
+    # LiveLoader's thread: the child starts without importing aiohttp, realtime-py, pydantic,
+    # watchfiles or the two-way code (tests/e2e/test_startup_imports.py).
     import aiohttp
 
     from sidecar.live.apply import Applier, WriteMode
@@ -55,7 +63,10 @@ if TYPE_CHECKING:
 __all__ = [
     "Components",
     "Live",
+    "LiveLoader",
+    "LoadedLive",
     "LocalChanges",
+    "LocalChangesLater",
     "NoChild",
     "NoHooks",
     "NoLive",
@@ -117,14 +128,126 @@ class Live:
             health.last_error = self.tokens.last_refusal
 
 
+@dataclass(frozen=True, slots=True)
+class LoadedLive:
+    """What LiveLoader builds once the live stack is imported."""
+
+    live: Live
+    local: LocalChanges | NoLocalChanges
+    applier: Applier
+    http: aiohttp.ClientSession
+
+
+def _import_live_stack() -> None:
+    """The modules `_live` builds from (run in a worker thread: they hold the GIL while they
+    load, but the event loop, the hydration's download thread and the child's start go on)."""
+    import aiohttp  # noqa: F401
+    import realtime  # noqa: F401
+
+    import sidecar.live.engine
+    import sidecar.live.subscription
+    import sidecar.twoway.localsync
+    import sidecar.twoway.upstream  # noqa: F401
+
+
+class LiveLoader:
+    """REALTIME_URL is set: remote changes in (and LocalSync) once the live stack is loaded.
+
+    `start()` imports the stack in a worker thread, then builds `LoadedLive` and starts its
+    tasks in the steady-state TaskGroup. Until then nothing is subscribed, so nothing is
+    buffered: `wait_idle()` returns at once and `mark_hydrated()` is remembered and handed to
+    the engine when it is built (it then asks for replay since the snapshot's created_at).
+    """
+
+    enabled: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        settings: Settings,
+        tree: ProjectTree,
+        metrics: Metrics,
+        hooks: OnChangeHooks | NoHooks,
+        child_user: ChildUser | None,
+    ) -> None:
+        from sidecar.live.tokens import TokenSource
+
+        settings.realtime.check_channel()
+        self._build_args = (settings, tree, metrics, hooks, child_user)
+        # Built now: a missing, unreadable or service_role token is refused before anything runs.
+        self.tokens = TokenSource.from_settings(settings.realtime)
+        self.loaded: LoadedLive | None = None
+        self._ready = asyncio.Event()
+        self._hydrated: tuple[Manifest | None] | None = None
+
+    def start(self, tg: asyncio.TaskGroup) -> None:
+        """Load and build the live stack, then run its tasks in `tg`."""
+        tg.create_task(self._load(tg), name="live-load")
+
+    async def _load(self, tg: asyncio.TaskGroup) -> None:
+        started = time.monotonic()
+        await asyncio.to_thread(_import_live_stack)
+        import aiohttp
+
+        http = aiohttp.ClientSession()
+        try:
+            loaded = _live(*self._build_args, self.tokens, http)
+        except BaseException:
+            await http.close()
+            raise
+        self.loaded = loaded
+        if self._hydrated is not None:
+            loaded.live.mark_hydrated(self._hydrated[0])
+        for name, coro in loaded.live.tasks().items():
+            tg.create_task(coro, name=name)
+        self._ready.set()
+        log.debug("sidecar.live_loaded", seconds=round(time.monotonic() - started, 3))
+
+    async def wait_loaded(self) -> LoadedLive:
+        """The live stack, once built."""
+        await self._ready.wait()
+        assert self.loaded is not None
+        return self.loaded
+
+    def mark_hydrated(self, manifest: Manifest | None) -> None:
+        """Apply the events buffered during hydration from now on (or from when it is built)."""
+        if self.loaded is not None:
+            self.loaded.live.mark_hydrated(manifest)
+        else:
+            self._hydrated = (manifest,)
+
+    async def wait_idle(self) -> None:
+        """Wait until the buffer is on disk; before the stack is built nothing is buffered."""
+        if self.loaded is not None:
+            await self.loaded.live.wait_idle()
+
+    async def request_snapshot(self, reason: str) -> DeltaEvent:
+        """Once loaded and joined, send snapshot:request and return the snapshot:ready answer."""
+        loaded = await self.wait_loaded()
+        return await loaded.live.request_snapshot(reason)
+
+    def refresh(self, health: HealthState) -> None:
+        """Copy the live status into `health`; not subscribed before the stack is built."""
+        if self.loaded is not None:
+            self.loaded.live.refresh(health)
+        else:
+            health.subscribed = False
+
+    async def close(self) -> None:
+        """Close the HTTP session the stack fetches and calls RPCs with."""
+        if self.loaded is not None:
+            await self.loaded.http.close()
+
+
 class NoLive:
     """REALTIME_URL is not set: nothing to subscribe to, so readiness does not wait for it."""
 
     enabled: ClassVar[bool] = False
 
-    def tasks(self) -> dict[str, Task]:
+    def start(self, tg: asyncio.TaskGroup) -> None:
         """Nothing runs."""
-        return {}
+
+    async def close(self) -> None:
+        """Nothing to close."""
 
     def mark_hydrated(self, manifest: Manifest | None) -> None:
         """Nothing is buffered."""
@@ -164,6 +287,29 @@ class LocalChanges:
     def conflicts(self) -> Sequence[Conflict]:
         """The conflicts listed in /status."""
         return self.sync.conflicts
+
+
+class LocalChangesLater:
+    """LocalChanges once LiveLoader has built LocalSync (part of the live stack)."""
+
+    def __init__(self, loader: LiveLoader) -> None:
+        self._loader = loader
+
+    async def run(self) -> None:
+        """Watch and push until cancelled, once the stack is built."""
+        loaded = await self._loader.wait_loaded()
+        await loaded.local.run()
+
+    async def close(self) -> None:
+        """Persist the last-synced bases, if LocalSync was built."""
+        if self._loader.loaded is not None:
+            await self._loader.loaded.local.close()
+
+    @property
+    def conflicts(self) -> Sequence[Conflict]:
+        """The conflicts listed in /status."""
+        loaded = self._loader.loaded
+        return () if loaded is None else loaded.local.conflicts
 
 
 class NoLocalChanges:
@@ -229,23 +375,19 @@ class Components:
     health: HealthState
     state: StateStore
     tree: ProjectTree
-    http: aiohttp.ClientSession | None  # only with Realtime
     reaper: Reaper
-    applier: Applier | None  # applies remote changes: only with Realtime
-    live: Live | NoLive
-    local: LocalChanges | NoLocalChanges
+    live: LiveLoader | NoLive
+    local: LocalChangesLater | NoLocalChanges
     hooks: OnChangeHooks | NoHooks
     child: Supervisor | NoChild
     child_user: ChildUser | None = None  # who the child runs as (started as root)
 
 
-def build(
-    settings: Settings, cmd: tuple[str, ...] = (), *, http: aiohttp.ClientSession | None
-) -> Components:
+def build(settings: Settings, cmd: tuple[str, ...] = ()) -> Components:
     """Construct every component for `settings` and connect them; start nothing.
 
-    `http` is opened (and closed) by the app; it may be None without Realtime. Opens the
-    state database; raises ConfigError for an unusable token or on-change rule.
+    Opens the state database; raises ConfigError for an unusable token, channel setting or
+    on-change rule.
     """
     metrics = Metrics(settings.project_id, settings.session_id)
     child_user = resolve_child_user(settings.process.child_user)
@@ -255,14 +397,14 @@ def build(
     env = build_child_env(os.environ)
     child = _child(settings, cmd, env, reaper, metrics)
     hooks = _hooks(settings, env, child, reaper)
-    live: Live | NoLive = NoLive()
-    local: LocalChanges | NoLocalChanges = NoLocalChanges()
-    applier: Applier | None = None
+    live: LiveLoader | NoLive = NoLive()
+    local: LocalChangesLater | NoLocalChanges = NoLocalChanges()
     if not settings.realtime.url:
         log.warning("sidecar.sync_disabled", reason="REALTIME_URL is not set")
     else:
-        assert http is not None, "the app opens the HTTP session when REALTIME_URL is set"
-        live, local, applier = _live(settings, tree, metrics, http, hooks, child_user)
+        live = LiveLoader(settings, tree, metrics, hooks, child_user)
+        if settings.twoway.local_changes:
+            local = LocalChangesLater(live)
 
     def refresh() -> None:
         _refresh_status(health, state, live, local, child)
@@ -276,9 +418,7 @@ def build(
         health=health,
         state=state,
         tree=tree,
-        http=http,
         reaper=reaper,
-        applier=applier,
         live=live,
         local=local,
         hooks=hooks,
@@ -309,18 +449,17 @@ def _live(
     settings: Settings,
     tree: ProjectTree,
     metrics: Metrics,
-    http: aiohttp.ClientSession,
     hooks: OnChangeHooks | NoHooks,
     child_user: ChildUser | None,
-) -> tuple[Live, LocalChanges | NoLocalChanges, Applier]:
-    """The Realtime side (tokens, subscription, engine, Applier) and, when on, LocalSync."""
-    # Only with a channel (see the TYPE_CHECKING block above).
+    tokens: TokenSource,
+    http: aiohttp.ClientSession,
+) -> LoadedLive:
+    """The Realtime side (subscription, engine, Applier) and, when on, LocalSync."""
+    # Only with a channel, from LiveLoader (see the TYPE_CHECKING block above).
     from sidecar.live.engine import SyncEngine, SyncTuning
     from sidecar.live.subscription import Subscription, SubscriptionTuning
-    from sidecar.live.tokens import TokenSource
 
     local: LocalChanges | NoLocalChanges = NoLocalChanges()
-    tokens = TokenSource.from_settings(settings.realtime)
     token_file = settings.realtime.token_file
     if child_user is not None and token_file is not None:
         tokens.after_reload = lambda: protect_token_file(token_file)
@@ -401,8 +540,7 @@ def _live(
         accept_client_events=settings.twoway.accept_client_events,
         catch_up=None if reporter is None else reporter.catch_up,
     )
-    live = Live(tokens, sub, engine)
-    return live, local, applier
+    return LoadedLive(Live(tokens, sub, engine), local, applier, http)
 
 
 async def hand_over_tree(settings: Settings, user: ChildUser | None) -> None:
@@ -489,8 +627,8 @@ def _child(
 def _refresh_status(
     health: HealthState,
     state: StateStore,
-    live: Live | NoLive,
-    local: LocalChanges | NoLocalChanges,
+    live: LiveLoader | NoLive,
+    local: LocalChangesLater | NoLocalChanges,
     child: Supervisor | NoChild,
 ) -> None:
     """Copy the components' live status into HealthState (called on every /readyz, /status)."""

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -13,16 +14,32 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from sidecar import wiring
 from sidecar.app import Sidecar, _Teardown
 from sidecar.config import Settings
 from sidecar.errors import ConfigError, NoSpaceError
 from sidecar.live.subscription import Subscription
 from sidecar.process.child import Supervisor
 from sidecar.process.hooks import OnChangeHooks
-from sidecar.wiring import Live, LocalChanges, NoChild, NoHooks, NoLive, NoLocalChanges, build
+from sidecar.wiring import (
+    Live,
+    LiveLoader,
+    LoadedLive,
+    LocalChanges,
+    LocalChangesLater,
+    NoChild,
+    NoHooks,
+    NoLive,
+    NoLocalChanges,
+    build,
+)
 from tests.e2e.e2e_stack import Stack, base_env, read_tree, wait_for
 
 SLEEPER = (sys.executable, "-c", "import time; time.sleep(60)")
+
+
+class _Loaded(Exception):
+    """Ends a TaskGroup once the live stack is loaded."""
 
 
 def _settings(stack: Stack | None, project_dir: Path, **overrides: str | None) -> Settings:
@@ -84,6 +101,51 @@ async def test_live_delta_lands_and_sigterm_stops_in_order(tmp_path: Path) -> No
         assert "sidecar.shutdown_failed" not in events
         with pytest.raises(aiohttp.ClientConnectionError):
             await _get(sidecar, "/healthz")
+
+
+async def test_child_starts_before_the_live_stack_is_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child waits for the files, not for the live stack's imports (realtime-py, aiohttp):
+    with those held in their thread, the child runs on the hydrated tree while the sidecar is
+    not subscribed (so not ready); an edit made meanwhile reaches the disk once the stack has
+    loaded and joined (replay since the snapshot: delta rule 4, sidecar/live/__init__.py)."""
+    release = threading.Event()
+    real_import = wiring._import_live_stack
+
+    def held_import() -> None:
+        release.wait(30)
+        real_import()
+
+    monkeypatch.setattr(wiring, "_import_live_stack", held_import)
+    marker = tmp_path / "child-ran"
+    child = (
+        sys.executable,
+        "-c",
+        f"import time; open({str(marker)!r}, 'w').close(); time.sleep(60)",
+    )
+    target = tmp_path / "p" / "src" / "app.js"
+    async with Stack() as stack:
+        sidecar = Sidecar(_settings(stack, tmp_path / "p"), child, hydrate_first=True)
+
+        async def scenario() -> None:
+            try:
+                await wait_for(marker.exists, 20, "the child running")
+                assert sidecar.components is not None
+                live = sidecar.components.live
+                assert isinstance(live, LiveLoader)
+                assert live.loaded is None
+                assert read_tree(tmp_path / "p") == stack.files()
+                status, body = await _get(sidecar, "/readyz")
+                assert status == 503
+                assert "not subscribed" in body
+                await stack.rpc.editor_upsert(stack.project, "src/app.js", b"v = 3\n")
+            finally:
+                release.set()
+            await wait_for(lambda: _ready(sidecar), 20, "ready")
+            await wait_for(lambda: target.read_bytes() == b"v = 3\n", 10, "the edit on disk")
+
+        assert await _serving(sidecar, scenario) == 128 + signal.SIGTERM
 
 
 async def test_without_realtime_ready_with_null_live(tmp_path: Path) -> None:
@@ -178,28 +240,39 @@ async def test_teardown_runs_every_step_newest_first_and_collects_failures() -> 
 
 async def test_build_uses_null_objects_for_disabled_features(tmp_path: Path) -> None:
     """Without REALTIME_URL, on-change rules or a command, every optional part is a null object;
-    with them, the real components."""
-    async with aiohttp.ClientSession() as http:
-        off = build(_settings(None, tmp_path / "a"), (), http=http)
-        off.state.close()
-        assert isinstance(off.live, NoLive)
-        assert isinstance(off.local, NoLocalChanges)
-        assert isinstance(off.hooks, NoHooks)
-        assert isinstance(off.child, NoChild)
-        async with Stack() as stack:
-            on = build(
-                _settings(
-                    stack, tmp_path / "b", SIDECAR_LOCAL_CHANGES="true", SIDECAR_ON_CHANGE="*=true"
-                ),
-                SLEEPER,
-                http=http,
-            )
-            on.state.close()
-        assert isinstance(on.live, Live)
-        assert isinstance(on.live.subscription, Subscription)
-        assert on.live.engine.link is on.live.subscription
-        assert isinstance(on.local, LocalChanges)
-        assert on.applier is not None
-        assert on.applier.before_publish is not None
+    with them, the real components (the live stack once LiveLoader has loaded it)."""
+    off = build(_settings(None, tmp_path / "a"), ())
+    off.state.close()
+    assert isinstance(off.live, NoLive)
+    assert isinstance(off.local, NoLocalChanges)
+    assert isinstance(off.hooks, NoHooks)
+    assert isinstance(off.child, NoChild)
+    async with Stack() as stack:
+        on = build(
+            _settings(
+                stack, tmp_path / "b", SIDECAR_LOCAL_CHANGES="true", SIDECAR_ON_CHANGE="*=true"
+            ),
+            SLEEPER,
+        )
+        assert isinstance(on.live, LiveLoader)
+        assert on.live.loaded is None
+        assert isinstance(on.local, LocalChangesLater)
         assert isinstance(on.hooks, OnChangeHooks)
         assert isinstance(on.child, Supervisor)
+        loaded: LoadedLive | None = None
+        try:  # its tasks run in the group until it ends
+            async with asyncio.timeout(10), asyncio.TaskGroup() as tg:
+                on.live.start(tg)
+                loaded = await on.live.wait_loaded()
+                raise _Loaded
+        except* _Loaded:
+            pass
+        on.state.close()
+        await on.live.close()
+    assert loaded is not None
+    assert isinstance(loaded.live, Live)
+    assert isinstance(loaded.live.subscription, Subscription)
+    assert loaded.live.engine.link is loaded.live.subscription
+    assert isinstance(loaded.local, LocalChanges)
+    assert loaded.applier.before_publish is not None
+    assert loaded.http.closed

@@ -1,6 +1,8 @@
 """Start-up imports only what the path in use needs: `sidecar hydrate`, and `sidecar run` without
 REALTIME_URL up to the moment it starts the child, never load realtime-py, pydantic or
-watchfiles (tens of ms each), nor aiohttp (the health listener is on asyncio streams).
+watchfiles (tens of ms each), nor aiohttp (the health listener is on asyncio streams); with
+REALTIME_URL the live stack loads beside the child's start (tests/test_app.py shows the child
+does not wait for it).
 
 The real CLI runs in a subprocess under a wrapper that records `sys.modules` when the child is
 spawned (the `subprocess.Popen` audit event) and at exit.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +36,19 @@ sys.addaudithook(hook)
 atexit.register(dump, "exit.json")
 sys.argv = ["sidecar", *sys.argv[1:]]
 runpy.run_module("sidecar", run_name="__main__", alter_sys=True)
+"""
+
+# The live child: exits 0 once the sidecar is ready (subscribed), 1 after 30 s.
+_UNTIL_READY = """
+import sys, time, urllib.request
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    try:
+        with urllib.request.urlopen("{url}", timeout=1):
+            sys.exit(0)
+    except OSError:
+        time.sleep(0.05)
+sys.exit(1)
 """
 
 FORBIDDEN = ("realtime", "pydantic", "watchfiles")
@@ -74,10 +90,24 @@ async def test_hydrate_and_run_without_realtime_import_only_their_path(tmp_path:
         assert "sidecar.health" in mods  # the listener was on (SIDECAR_HTTP_ADDR)
         assert _loaded(mods, (*FORBIDDEN, "aiohttp")) == []
 
-        # With Realtime (and local changes on), watchfiles still waits until the child runs.
-        env = base_env(stack, tmp_path / "live", overrides={"SIDECAR_LOCAL_CHANGES": "true"})
-        done = await _run(["run", "--", "true"], env, tmp_path / "live-run")
+        # With Realtime (and local changes on), the live stack loads in its own thread while
+        # the child starts (sidecar/wiring.py LiveLoader), and watchfiles waits until the
+        # child runs. The child exits once /readyz says subscribed: the stack was loaded.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            addr = f"127.0.0.1:{s.getsockname()[1]}"
+        env = base_env(
+            stack,
+            tmp_path / "live",
+            overrides={"SIDECAR_LOCAL_CHANGES": "true", "SIDECAR_HTTP_ADDR": addr},
+        )
+        until_ready = _UNTIL_READY.format(url=f"http://{addr}/readyz")
+        done = await _run(
+            ["run", "--", sys.executable, "-c", until_ready], env, tmp_path / "live-run"
+        )
         assert done.returncode == 0, done.stderr
         mods = json.loads((tmp_path / "live-run" / "child.json").read_text())
-        assert "sidecar.twoway.localsync" in mods
-        assert _loaded(mods, ("realtime", "watchfiles")) == ["realtime"]
+        assert _loaded(mods, ("watchfiles",)) == []
+        mods = json.loads((tmp_path / "live-run" / "exit.json").read_text())
+        assert {"sidecar.live.subscription", "sidecar.twoway.localsync"} <= set(mods)
+        assert _loaded(mods, ("realtime",)) == ["realtime"]
