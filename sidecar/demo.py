@@ -34,6 +34,7 @@ import aiohttp
 
 from sidecar.log import configure_logging
 from sidecar.redact import redact_url
+from sidecar.testing.commands import sidecar_command
 from sidecar.testing.producer import Producer
 from sidecar.testing.realtime.server import RealtimeServer
 from sidecar.testing.rpc_server import RpcServer
@@ -266,20 +267,9 @@ def _base_env() -> dict[str, str]:
 async def _orchestrator(env: Mapping[str, str], *args: str) -> str:
     """Run one orchestrator command as a subprocess, show it and what it printed (secrets
     shortened); its stdout."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sidecar",
-        *args,
-        env=dict(env),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(60):
-        out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"sidecar {' '.join(args)} exited {proc.returncode}: {err.decode()}")
-    text = out.decode()
+    code, text, err = await sidecar_command(env, *args, timeout=60)
+    if code != 0:
+        raise RuntimeError(f"sidecar {' '.join(args)} exited {code}: {err}")
     _say(f"  orchestrator$ sidecar {' '.join(args)}")
     for line in text.strip().splitlines():
         _say(f"    {_shorten(line)}")

@@ -3,12 +3,10 @@ server: the real command as a subprocess, its output hydrated by the real `sidec
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
 import os
-import sys
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any
 import pytest
 
 from sidecar.snapshot.build import build_snapshot
+from sidecar.testing.commands import sidecar_command
 from sidecar.testing.postgres import PostgresCluster
 from sidecar.testing.snapshot_server import SnapshotServer
 
@@ -60,22 +59,6 @@ def orch_env(cluster: PostgresCluster, storage: SnapshotServer, **extra: str) ->
     }
 
 
-async def sidecar(env: Mapping[str, str], *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sidecar",
-        *args,
-        env=dict(env),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(90):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def write_files(db: Db, project: str, files: Mapping[str, bytes | None]) -> None:
     entries: list[dict[str, Any]] = []
     for path, data in files.items():
@@ -92,7 +75,9 @@ async def write_files(db: Db, project: str, files: Mapping[str, bytes | None]) -
 
 
 async def publish(env: Mapping[str, str], project: str) -> dict[str, Any]:
-    code, out, err = await sidecar(env, "snapshot", "publish", "--project", project, "--json")
+    code, out, err = await sidecar_command(
+        env, "snapshot", "publish", "--project", project, "--json"
+    )
     assert code == 0, err
     result: dict[str, Any] = json.loads(out)
     assert "token=" not in err  # the signed URL's query never reaches the logs
@@ -117,7 +102,7 @@ async def test_publish_then_hydrate_bit_for_bit(
     await write_files(db, project, {"a.txt": b"changed\n", "gone.txt": b"x"})
     await write_files(db, project, {"gone.txt": None})
     env = orch_env(pg_cluster, storage)
-    code, out, err = await sidecar(env, "snapshot", "publish", "--project", project)
+    code, out, err = await sidecar_command(env, "snapshot", "publish", "--project", project)
     assert code == 0, err
     lines = dict(line.split("=", 1) for line in out.strip().splitlines())
     assert set(lines) == {"SNAPSHOT_URL", "SNAPSHOT_SHA256"}
@@ -131,7 +116,7 @@ async def test_publish_then_hydrate_bit_for_bit(
         "PROJECT_DIR": str(project_dir),
         "PROJECT_ID": project,
     }
-    code, _, err = await sidecar(hydrate_env, "hydrate")
+    code, _, err = await sidecar_command(hydrate_env, "hydrate")
     assert code == 0, err
     expected = dict(FILES) | {"a.txt": b"changed\n"}
     assert tree(project_dir) == expected
@@ -201,24 +186,24 @@ async def test_credentials_are_checked_both_ways(
     )
     for key in (scoped, "sb_publishable_abc123"):
         env = orch_env(pg_cluster, storage, SUPABASE_SERVICE_ROLE_KEY=key)
-        code, out, err = await sidecar(env, "snapshot", "publish", "--project", project)
+        code, out, err = await sidecar_command(env, "snapshot", "publish", "--project", project)
         assert (code, out) == (78, "")
         assert "SUPABASE_SERVICE_ROLE_KEY" in err.strip().splitlines()[-1]
         assert key not in err
-        code, out, err = await sidecar(env, "snapshot", "worker")
+        code, out, err = await sidecar_command(env, "snapshot", "worker")
         assert (code, out) == (78, "")
         assert "SUPABASE_SERVICE_ROLE_KEY" in err.strip().splitlines()[-1]
     env = orch_env(pg_cluster, storage)
-    code, _, err = await sidecar(env, "snapshot", "publish", "--project", str(uuid.uuid4()))
+    code, _, err = await sidecar_command(env, "snapshot", "publish", "--project", str(uuid.uuid4()))
     assert code == 78
     assert "not registered" in err.strip().splitlines()[-1]
     # An API role's connection, or no database at all: named, one line, no traceback.
     api_role = orch_env(pg_cluster, storage, DATABASE_URL=pg_cluster.url("authenticator"))
-    code, _, err = await sidecar(api_role, "snapshot", "publish", "--project", project)
+    code, _, err = await sidecar_command(api_role, "snapshot", "publish", "--project", project)
     assert code == 78
     assert "DATABASE_URL's role may not read" in err.strip().splitlines()[-1]
     down = orch_env(pg_cluster, storage, DATABASE_URL="postgresql://postgres@127.0.0.1:1/x")
-    code, _, err = await sidecar(down, "snapshot", "publish", "--project", project)
+    code, _, err = await sidecar_command(down, "snapshot", "publish", "--project", project)
     assert code == 69
     assert "the database is unreachable" in err.strip().splitlines()[-1]
 
@@ -229,7 +214,7 @@ async def test_credentials_are_checked_both_ways(
         "PROJECT_DIR": str(tmp_path / "p"),
         "SNAPSHOT_URL": "http://127.0.0.1:9/x",
     }
-    code, _, err = await sidecar(run_env, "run", "--", "true")
+    code, _, err = await sidecar_command(run_env, "run", "--", "true")
     assert code == 78
     assert "service-role" in err
 
