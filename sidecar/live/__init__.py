@@ -15,10 +15,12 @@ The delta rules, the same for live, replayed and buffered events. Code and tests
 2. `content_hash` is checked against the bytes before the disk is touched. A mismatch is
    rejected, counted, and leads to a resync.
 3. If the file already holds those bytes, the version is recorded and nothing is written.
-4. The sidecar subscribes before it downloads the snapshot, buffers what arrives, and applies
-   the buffer after hydration (rule 1 drops what the snapshot already had). The join asks for
-   broadcast replay since the snapshot's `created_at`, so no edit made between snapshot creation
-   and subscription is lost.
+4. The sidecar starts subscribing before it downloads the snapshot, buffers what arrives, and
+   applies the buffer after hydration (rule 1 drops what the snapshot already had). The join
+   asks for broadcast replay from a margin (10 s) before the snapshot's `created_at` (replay
+   compares a row's transaction start), so no edit made between snapshot creation and
+   subscription is lost, whether the join comes before hydration ends or after (the child
+   does not wait for it).
 5. `seq`, where the producer sends it, is gap-free per project. A jump means events were missed:
    the sidecar rejoins with replay since its last applied event; if replay (at most 25
    messages) cannot fill the gap, it reads the missing events from the database's event log
