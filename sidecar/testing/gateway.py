@@ -14,7 +14,9 @@ arguments. What happens is what Supabase's gateway and PostgREST do:
    `{code, message, details, hint}` with its status for the SQLSTATE.
 
 Versions, conflicts, seq and broadcasts all come from the SQL (sidecar/sql/); the gateway only
-transports. `faults` inject the same transport failures as the in-memory RpcServer's.
+transports. `faults` inject the same transport failures as the in-memory RpcServer's;
+`faults.content_trickle` slows the answers of `get_project_file`, the call that fetches the
+bodies too large for an event (the migration's counterpart of the RpcServer's content_url).
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class Gateway(TokenIssuer, LoopbackServer):
         self.faults = RpcFaults()
         self.calls: list[tuple[str, int]] = []  # (function, status) for assertions
         self.rpc_seconds: list[float] = []  # time spent in the database per successful call
+        self.trickled = 0  # body bytes of get_project_file answers sent under content_trickle
         self._idle: list[psycopg.AsyncConnection[Any]] = []
         self._schema: dict[tuple[str, frozenset[str]], FunctionInfo] = {}  # PostgREST's cache
 
@@ -185,9 +188,13 @@ class Gateway(TokenIssuer, LoopbackServer):
             timing = {"Server-Timing": f"db;dur={spent * 1000:.3f}"}
             if status == 204:
                 return web.Response(status=204, headers=timing)
+            data = json.dumps(body).encode()
+            trickle = self.faults.content_trickle
+            if trickle and name == "get_project_file":
+                return await self._trickle(request, status, data, trickle, timing)
             return web.Response(
                 status=status,
-                body=json.dumps(body).encode(),
+                body=data,
                 content_type="application/json",
                 charset="utf-8",
                 headers=timing,
@@ -212,6 +219,28 @@ class Gateway(TokenIssuer, LoopbackServer):
             return web.json_response(body, status=503)
         finally:
             self.calls.append((name, status))
+
+    async def _trickle(
+        self, request: web.Request, status: int, data: bytes, rate: float, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """Send `data` at about `rate` bytes per second, counting what went out in `trickled`
+        (a test sees a body fetch half way); a client that goes away ends it."""
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_type = "application/json"
+        resp.charset = "utf-8"
+        resp.content_length = len(data)
+        await resp.prepare(request)
+        step = max(1024, int(rate / 20))
+        try:
+            for at in range(0, len(data), step):
+                chunk = data[at : at + step]
+                await resp.write(chunk)
+                self.trickled += len(chunk)
+                await asyncio.sleep(len(chunk) / rate)
+            await resp.write_eof()
+        except ConnectionResetError:
+            log.info("gateway.trickle_aborted", sent=self.trickled)
+        return resp
 
     async def _handle_health(self, _request: web.Request) -> web.Response:
         return web.json_response({"ok": True})

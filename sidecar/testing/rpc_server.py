@@ -171,7 +171,8 @@ class RpcFaults:
     delay: seconds to wait before handling each RPC.
     gate: when set to an Event, every RPC waits for it (holds a push in flight until the test
         releases it); `gated` counts the RPCs that reached it.
-    content_trickle: serve content_url bodies at most this many bytes per second.
+    content_trickle: serve content_url bodies at most this many bytes per second (the gateway,
+        sidecar/testing/gateway.py: get_project_file answers, where large bodies come from).
     """
 
     fail_first: int = 0

@@ -235,3 +235,22 @@ async def test_catch_up_pages_through_the_event_log(gateway: Gateway, project_id
             with pytest.raises(UpstreamError) as info:
                 await other.catch_up(0, 5)
             assert info.value.status == 403
+
+
+async def test_content_trickle_slows_only_body_fetches(gateway: Gateway, project_id: str) -> None:
+    """faults.content_trickle: get_project_file's answer (where large bodies come from) arrives
+    at about that rate, whole, and is counted in `trickled`; other calls are not slowed."""
+    import time
+
+    data = b"y" * 60_000
+    token = gateway.make_token(project_id)
+    async with upstream(gateway, project_id, token) as up:
+        assert await up.upsert("big.txt", data, 0) == 1
+        gateway.faults.content_trickle = 200_000.0
+        started = time.monotonic()
+        assert await up.body("big.txt", 1) == data
+        assert time.monotonic() - started >= 0.25  # 60 KB of body at 200 KB/s, at least
+        assert gateway.trickled > len(data)  # the whole JSON answer went out trickled
+        sent = gateway.trickled
+        assert await up.upsert("small.txt", b"s", 0) == 1
+        assert gateway.trickled == sent
