@@ -1,7 +1,8 @@
 """Shared fixtures: keep them small and generic (module-specific helpers live in the test file).
 
 Markers by place: everything under tests/e2e is `e2e`, everything under tests/testing (the test
-servers' own conformance) is `fake_server`. `SLOW` marks the unit tests that take a second or
+servers' own conformance) is `fake_server`; by need: a test that uses the session's PostgreSQL
+cluster (`pg_cluster`, tests/pgfixtures.py) is `pg`. `SLOW` marks the unit tests that take a second or
 more on these machines, so that `scripts/test --fast` stays an edit loop; the full suite
 (`scripts/test`, CI) runs them all.
 """
@@ -46,12 +47,14 @@ SLOW = {
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Apply the markers by directory and the SLOW list (see the module docstring)."""
+    """Apply the markers by directory, by need and the SLOW list (see the module docstring)."""
     for item in items:
         rel = item.path.relative_to(TESTS)
         marker = BY_DIRECTORY.get(rel.parts[0])
         if marker is not None:
             item.add_marker(marker)
+        if "pg_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.pg)
         if f"{rel.as_posix()}::{getattr(item, 'originalname', item.name)}" in SLOW:
             item.add_marker(pytest.mark.slow)
 

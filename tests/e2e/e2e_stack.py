@@ -1,38 +1,60 @@
-"""Shared helpers for the end-to-end tests: the embedded stack and the real sidecar as a subprocess.
+"""Shared helpers for the end-to-end tests: the stack on a real PostgreSQL and the real sidecar as
+a subprocess.
 
-`Stack` starts a RealtimeServer, a SnapshotServer, an RpcServer seeded with a small project and a
-Producer (answering `snapshot:request`), all in-process on 127.0.0.1. `running_sidecar` runs
-`python -m sidecar run -- CMD` against it with small timing knobs, waits for /readyz, yields a
-`Sidecar` handle and stops the process with SIGTERM on exit. Every wait has a deadline.
+`Stack` is the chain of "Deploying with Supabase" (README) on loopback: the session's
+PostgreSQL 15 cluster with the migration (tests/pgfixtures.py), the PostgREST-compatible
+gateway, the Realtime test server in PostgreSQL mode (live delivery and replay from committed
+realtime.messages rows, joins authorized by the real policies) and the Storage-style snapshot
+server (sidecar/testing/pgstack.py). Snapshots are made by the real publish path
+(sidecar/orch/publish.py, in-process) and, with `worker=True`, snapshot requests are answered by
+a real `sidecar snapshot worker` subprocess. Every change goes through the database's RPCs.
+
+`MemoryStack` is the older in-memory stack (RpcServer, Producer): only the in-process unit tests
+of tests/test_app.py and scripts/soak use it.
+
+`running_sidecar` runs `python -m sidecar run -- CMD` against a stack with small timing knobs,
+waits for /readyz, yields a `Sidecar` handle and stops the process with SIGTERM on exit. Every
+wait has a deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import inspect
 import json
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import aiohttp
+import psycopg
+from psycopg.types.json import Jsonb
 
+from sidecar.orch.publish import Published, database_reader, object_path, publish
+from sidecar.orch.storage import StorageClient
+from sidecar.testing.pgstack import PgStack
+from sidecar.testing.postgres import SUPERUSER, PostgresCluster
 from sidecar.testing.producer import Producer
 from sidecar.testing.realtime.server import Channel, Knobs, RealtimeServer
 from sidecar.testing.rpc_server import RpcServer
 from sidecar.testing.snapshot_server import SnapshotServer
 
 __all__ = [
+    "BUCKET",
     "PROJECT",
     "SAMPLE",
+    "MemoryStack",
     "Sidecar",
     "Stack",
     "atomic_write",
@@ -55,6 +77,7 @@ SAMPLE: dict[str, bytes] = {
     "assets/blob.bin": bytes(range(256)) * 8,
 }
 STATE_DIR_NAME = ".sidecar"
+BUCKET = "project-snapshots"  # the orchestrator's default bucket (sidecar/orch/settings.py)
 
 # Timing knobs for a test-sized sidecar (config.py names); tests override per case.
 FAST_ENV: dict[str, str] = {
@@ -138,8 +161,10 @@ def write_script(path: Path, source: str) -> Path:
     return path
 
 
-class Stack:
-    """Realtime + snapshot + RPC servers and a producer for one project; an async context manager.
+class MemoryStack:
+    """Realtime + snapshot + in-memory RPC servers and a Producer for one project; an async
+    context manager. Only tests/test_app.py (in-process unit tests) and scripts/soak use it: the
+    end-to-end tests run on `Stack`, a real PostgreSQL.
 
     Args:
         project: the project id (topic `project:<id>`).
@@ -223,8 +248,218 @@ class Stack:
         await wait_for(self.producer_joined, timeout, "producer joined")
 
 
+class Stack(PgStack):
+    """One registered project on the session's PostgreSQL, seeded with `files` (default SAMPLE)
+    and published once; an async context manager.
+
+    Args:
+        cluster: the session's cluster (the `pg_cluster` fixture, tests/pgfixtures.py).
+        files: the project's first files, written with one bulk_upsert_project_files.
+        worker: run `sidecar snapshot worker` (a subprocess, as the orchestrator does), which
+            answers the sidecars' request_snapshot calls with snapshot:ready; off to test its
+            absence. A sidecar reaches it only with SUPABASE_URL set (container tokens cannot
+            broadcast a snapshot:request on the channel).
+
+    The editor writes through the RPCs (`editor_upsert`, `editor_delete`, `editor_bulk`), the
+    database broadcasts every change; `files()` is the database's live files, what every
+    converged tree must equal. Fault knobs: `rt` (sidecar/testing/realtime/faults.py and
+    `rt.knobs`, e.g. `replication_up`), `rpc.faults` (the gateway), `snaps.faults`, and the
+    database itself (`prune_event_log`, `send_db`).
+    """
+
+    def __init__(
+        self,
+        cluster: PostgresCluster,
+        files: Mapping[str, bytes] | None = None,
+        *,
+        worker: bool = False,
+    ) -> None:
+        super().__init__(cluster, SAMPLE if files is None else files)
+        self.start_worker = worker
+        self.published: list[Published] = []
+        self.worker_log: Path | None = None
+        self._known: dict[str, tuple[str, int]] = {}  # publish's cache, as the worker keeps one
+        self._admin: psycopg.AsyncConnection[Any]
+        self._storage: StorageClient
+        self._worker: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> Self:
+        await super().__aenter__()
+        s = self._stack
+        try:
+            self.snaps.buckets.add(BUCKET)
+            self._admin = await psycopg.AsyncConnection.connect(
+                self.cluster.dsn(SUPERUSER), autocommit=True
+            )
+            s.push_async_callback(self._admin.close)
+            s.push_async_callback(self._forget_requests)
+            http = await s.enter_async_context(aiohttp.ClientSession())
+            self._storage = StorageClient(self.snaps.base_url, self.snaps.service_role_key, http)
+            await self.publish()
+            if self.start_worker:
+                await self._start_worker()
+        except BaseException:
+            await s.aclose()
+            raise
+        return self
+
+    # -- snapshots --
+
+    async def publish(self, *, expires_in: float | None = None) -> tuple[str, str]:
+        """Publish the database's files as `sidecar snapshot publish` does (sidecar/orch/
+        publish.py: one consistent read, a deterministic build, upload unless stored, sign):
+        (signed URL, sha256). With `expires_in` the URL of that object is signed for that long
+        instead (negative: already expired, a URL handed out too long ago)."""
+        result = await publish(
+            self.project,
+            read=database_reader(self.cluster.url("postgres")),
+            storage=self._storage,
+            bucket=BUCKET,
+            expires_in=3600,
+            known=self._known,
+        )
+        self.published.append(result)
+        url = result.snapshot_url
+        if expires_in is not None:
+            key = object_path(self.project, result.snapshot_id)
+            url = self.snaps.url_for(key, expires_in=expires_in, bucket=BUCKET)
+        return url, result.sha256
+
+    def snapshot(self) -> tuple[str, str]:
+        """The newest published snapshot (base_env's default; `publish()` makes a newer one)."""
+        return self.published[-1].snapshot_url, self.published[-1].sha256
+
+    def orchestrator_env(self) -> dict[str, str]:
+        """What the orchestrator and the worker hold: the database URL and the service key."""
+        base = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("SUPABASE_", "SIDECAR_", "DATABASE_", "SNAPSHOT_", "REALTIME_"))
+        }
+        return base | {
+            "DATABASE_URL": self.cluster.url("postgres"),
+            "SUPABASE_URL": self.rpc.url,
+            "SIDECAR_STORAGE_URL": self.snaps.base_url,
+            "SUPABASE_SERVICE_ROLE_KEY": self.snaps.service_role_key,
+            "SIDECAR_SNAPSHOT_BUCKET": BUCKET,
+            "LOG_FORMAT": "json",
+        }
+
+    async def _start_worker(self) -> None:
+        # No wait for it to listen: it drains the open requests when it starts, after LISTEN
+        # (sidecar/orch/worker.py), so a request made before that is answered too.
+        workdir = Path(tempfile.mkdtemp(prefix="e2e-worker-"))
+        self._stack.callback(shutil.rmtree, workdir, True)
+        self.worker_log = workdir / "worker.log"
+        with self.worker_log.open("wb") as log_file:
+            self._worker = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "sidecar",
+                "snapshot",
+                "worker",
+                "--sweep-interval",
+                "1",
+                env=self.orchestrator_env(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+            )
+        self._stack.push_async_callback(self._stop_worker)
+
+    async def _stop_worker(self) -> None:
+        proc, self._worker = self._worker, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(15):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 0, f"the worker exited with {proc.returncode}{self.worker_tail()}"
+
+    def worker_tail(self, n: int = 20) -> str:
+        """The worker's last log lines, for assertion messages."""
+        if self.worker_log is None or not self.worker_log.exists():
+            return ""
+        lines = self.worker_log.read_text(errors="replace").splitlines()[-n:]
+        return "\n--- worker log (tail) ---\n" + "\n".join(lines)
+
+    # -- the database, as its superuser --
+
+    async def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
+        """A statement as the superuser (autocommit); its rows."""
+        cur = await self._admin.execute(query.encode(), params or None)
+        return await cur.fetchall() if cur.description else []
+
+    async def send_db(self, event: str, payload: dict[str, Any]) -> None:
+        """`realtime.send` on the project's topic, as a database function (a trigger, another
+        producer) would: the event is stored and delivered with meta.id, like the RPCs' own."""
+        await self.sql(
+            "select realtime.send(%s, %s, %s, true)", Jsonb(payload), event, self.topic
+        )
+
+    async def messages(self, event: str) -> list[dict[str, Any]]:
+        """The payloads of the realtime.messages rows of this topic with this event name."""
+        rows = await self.sql(
+            "select payload from realtime.messages where topic = %s and event = %s"
+            " order by inserted_at",
+            self.topic,
+            event,
+        )
+        return [dict(r[0]) for r in rows]
+
+    async def content(self, path: str) -> bytes | None:
+        """The live bytes of path in the database (None: never written, or deleted)."""
+        head = await self.service("get_project_file", p_file_path=path)
+        if head is None or head["deleted"]:
+            return None
+        if "content_b64" in head:
+            return base64.b64decode(head["content_b64"])
+        return str(head["content"]).encode()
+
+    async def snapshot_requests(self) -> list[dict[str, Any]]:
+        """This project's rows of the worker's queue (sidecar.snapshot_requests), oldest first."""
+        rows = await self.sql(
+            "select session_id, reason, last_seq, snapshot_id, done_at is not null"
+            " from sidecar.snapshot_requests where project_id = %s order by id",
+            self.project,
+        )
+        keys = ("session_id", "reason", "last_seq", "snapshot_id", "done")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    async def prune_event_log(self) -> int:
+        """Delete this project's logged events but the newest, as `sidecar.prune_events` does
+        past its retention (sidecar/sql/001_sidecar.sql), for this project only (the cluster is
+        shared): a gap then cannot be filled from project_events_since and needs a snapshot."""
+        rows = await self.sql(
+            "with gone as (delete from sidecar.events e where e.project_id = %s"
+            "  and e.seq < (select p.seq from sidecar.projects p where p.project_id = %s)"
+            "  returning 1) select count(*) from gone",
+            self.project,
+            self.project,
+        )
+        return int(rows[0][0])
+
+    async def _forget_requests(self) -> None:
+        # Requests no worker answered must not be answered by a later test's worker.
+        await self.sql(
+            "delete from sidecar.snapshot_requests where project_id = %s and done_at is null",
+            self.project,
+        )
+
+    def sidecar_channels(self) -> list[Channel]:
+        """Live server-side channels of the project (service_role ones excluded)."""
+        return [
+            ch for ch in self.rt.channels(self.topic) if ch.claims.get("role") != "service_role"
+        ]
+
+
 def base_env(
-    stack: Stack | None,
+    stack: Stack | MemoryStack | None,
     project_dir: Path,
     *,
     snapshot: tuple[str, str] | None = None,
@@ -400,24 +635,29 @@ class Sidecar:
         return read_tree(self.project_dir)
 
     async def wait_tree(
-        self, expected: Callable[[], Mapping[str, bytes]], timeout: float = 20.0
+        self,
+        expected: Callable[[], Mapping[str, bytes] | Awaitable[Mapping[str, bytes]]],
+        timeout: float = 20.0,
     ) -> None:
-        """Wait until PROJECT_DIR equals `expected()` (re-evaluated on every poll)."""
+        """Wait until PROJECT_DIR equals `expected()` (sync or async, e.g. `stack.files`;
+        re-evaluated on every poll)."""
+        want: dict[str, bytes] = {}
+
+        async def check() -> bool:
+            value = expected()
+            want.clear()
+            want.update(await value if inspect.isawaitable(value) else value)
+            return self.tree() == want
 
         def diff() -> str:
-            want, have = dict(expected()), self.tree()
+            have = self.tree()
             missing = sorted(set(want) - set(have))
             extra = sorted(set(have) - set(want))
             wrong = sorted(p for p in set(want) & set(have) if want[p] != have[p])
             return f"\nmissing={missing} extra={extra} wrong={wrong}" + self.tail()
 
         await wait_for(
-            lambda: self.tree() == dict(expected()),
-            timeout,
-            "tree == database",
-            proc=self.proc,
-            interval=0.05,
-            on_timeout=diff,
+            check, timeout, "tree == database", proc=self.proc, interval=0.05, on_timeout=diff
         )
 
     async def wait_log(
@@ -516,7 +756,7 @@ def _sidecar_argv(cmd: Sequence[str], wrap: Sequence[str], subcommand: str = "ru
 
 @contextlib.asynccontextmanager
 async def running_sidecar(
-    stack: Stack,
+    stack: Stack | MemoryStack,
     tmp_path: Path,
     *,
     cmd: Sequence[str] = (),
@@ -535,10 +775,13 @@ async def running_sidecar(
 
     The project dir is tmp_path/<name>-project, output goes to tmp_path/<name>.out/.err, the
     health listener binds 127.0.0.1:0 (its port is read from the `health.listening` log line).
-    `snapshot` defaults to a fresh one of the table; `token_file` switches to REALTIME_TOKEN_FILE
-    (written with `token` when given). On exit the process gets SIGTERM (SIGKILL after 15 s).
+    `snapshot` defaults to a fresh one of the database (published now); `token_file` switches
+    to REALTIME_TOKEN_FILE (written with `token` when given). On exit the process gets SIGTERM
+    (SIGKILL after 15 s).
     """
     project_dir = tmp_path / f"{name}-project"
+    if snapshot is None and isinstance(stack, Stack):
+        snapshot = await stack.publish()
     env = base_env(
         stack,
         project_dir,

@@ -19,7 +19,6 @@ import pytest
 from sidecar.testing.pgstack import PgStack
 from sidecar.testing.postgres import PostgresCluster
 
-from ..pgfixtures import pg_cluster  # noqa: F401 - the session's cluster fixture
 from .e2e_stack import SAMPLE, running_sidecar
 
 pytestmark = [pytest.mark.e2e, pytest.mark.pg]
@@ -28,7 +27,7 @@ BUCKET = "project-snapshots"
 
 
 @pytest.fixture
-async def stack(pg_cluster: PostgresCluster) -> AsyncIterator[PgStack]:  # noqa: F811
+async def stack(pg_cluster: PostgresCluster) -> AsyncIterator[PgStack]:
     async with PgStack(pg_cluster, SAMPLE) as s:
         s.snaps.buckets.add(BUCKET)
         yield s

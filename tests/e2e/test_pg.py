@@ -16,14 +16,13 @@ from sidecar.testing.pgstack import PgStack
 from sidecar.testing.postgres import PostgresCluster
 from sidecar.twoway.upstream import Upstream
 
-from ..pgfixtures import pg_cluster  # noqa: F401 - the session's cluster fixture
 from .e2e_stack import SAMPLE, running_sidecar
 
 pytestmark = [pytest.mark.e2e, pytest.mark.pg]
 
 
 @pytest.fixture
-async def stack(pg_cluster: PostgresCluster) -> AsyncIterator[PgStack]:  # noqa: F811
+async def stack(pg_cluster: PostgresCluster) -> AsyncIterator[PgStack]:
     async with PgStack(pg_cluster, SAMPLE) as s:
         await s.publish_snapshot()
         yield s
