@@ -33,7 +33,7 @@ from sidecar.wiring import (
     NoLocalChanges,
     build,
 )
-from tests.e2e.e2e_stack import Stack, base_env, read_tree, wait_for
+from tests.e2e.e2e_stack import MemoryStack, base_env, read_tree, wait_for
 
 SLEEPER = (sys.executable, "-c", "import time; time.sleep(60)")
 
@@ -42,7 +42,7 @@ class _Loaded(Exception):
     """Ends a TaskGroup once the live stack is loaded."""
 
 
-def _settings(stack: Stack | None, project_dir: Path, **overrides: str | None) -> Settings:
+def _settings(stack: MemoryStack | None, project_dir: Path, **overrides: str | None) -> Settings:
     return Settings.from_env(base_env(stack, project_dir, overrides=overrides))
 
 
@@ -73,7 +73,7 @@ async def _serving(sidecar: Sidecar, until: Callable[[], Awaitable[object]]) -> 
 
 async def test_run_hydrates_then_returns_the_childs_status(tmp_path: Path) -> None:
     """The child starts on the hydrated tree, and its exit status is the app's."""
-    async with Stack() as stack:
+    async with MemoryStack() as stack:
         settings = _settings(stack, tmp_path / "p")
         check = "import os, sys; sys.exit(3 if os.path.exists('src/app.js') else 9)"
         code = await Sidecar(settings, (sys.executable, "-c", check), hydrate_first=True).serve()
@@ -84,7 +84,7 @@ async def test_run_hydrates_then_returns_the_childs_status(tmp_path: Path) -> No
 async def test_live_delta_lands_and_sigterm_stops_in_order(tmp_path: Path) -> None:
     """With Realtime wired, an edit in the database reaches the disk; SIGTERM stops the child,
     returns 128+15, and the teardown closes the listener."""
-    async with Stack() as stack:
+    async with MemoryStack() as stack:
         sidecar = Sidecar(_settings(stack, tmp_path / "p"), SLEEPER, hydrate_first=True)
 
         async def edit_and_wait() -> None:
@@ -125,7 +125,7 @@ async def test_child_starts_before_the_live_stack_is_loaded(
         f"import time; open({str(marker)!r}, 'w').close(); time.sleep(60)",
     )
     target = tmp_path / "p" / "src" / "app.js"
-    async with Stack() as stack:
+    async with MemoryStack() as stack:
         sidecar = Sidecar(_settings(stack, tmp_path / "p"), child, hydrate_first=True)
 
         async def scenario() -> None:
@@ -150,7 +150,7 @@ async def test_child_starts_before_the_live_stack_is_loaded(
 
 async def test_without_realtime_ready_with_null_live(tmp_path: Path) -> None:
     """REALTIME_URL unset: the null Live makes readiness not wait for a subscription."""
-    async with Stack() as stack:
+    async with MemoryStack() as stack:
         url, sha = stack.snapshot()
         settings = _settings(
             None,
@@ -194,7 +194,7 @@ async def test_shutdown_fault_of_the_environment_keeps_the_childs_status(
 ) -> None:
     """A teardown step that fails for the environment (disk full) is logged and the exit code
     stays the child's; a failure that is a bug is raised (exit 70 in the CLI)."""
-    async with Stack() as stack:
+    async with MemoryStack() as stack:
         sidecar = Sidecar(_settings(stack, tmp_path / "p"), SLEEPER, hydrate_first=True)
 
         async def fail_at_teardown() -> None:
@@ -247,7 +247,7 @@ async def test_build_uses_null_objects_for_disabled_features(tmp_path: Path) -> 
     assert isinstance(off.local, NoLocalChanges)
     assert isinstance(off.hooks, NoHooks)
     assert isinstance(off.child, NoChild)
-    async with Stack() as stack:
+    async with MemoryStack() as stack:
         on = build(
             _settings(
                 stack, tmp_path / "b", SIDECAR_LOCAL_CHANGES="true", SIDECAR_ON_CHANGE="*=true"
