@@ -1,5 +1,7 @@
 """End to end, the entrypoint (issue 4): signals, exit codes, PID-1 reaping, start order,
-readiness, on-change hooks, secrets in output, configuration errors; the real `sidecar run`."""
+readiness, on-change hooks, secrets in output, configuration errors; the real `sidecar run`
+against the stack on a real PostgreSQL (tests/e2e/e2e_stack.py). The configuration errors need
+no database: they are refused before anything is contacted."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import jwt
 import pytest
 
 from sidecar.errors import ExitCode
+from sidecar.testing.postgres import PostgresCluster
 from tests.e2e.e2e_stack import (
     SAMPLE,
     Stack,
@@ -147,13 +150,15 @@ def _has_line(path: Path, line: str) -> Callable[[], bool]:
 # -- signals and exit codes --
 
 
-async def test_signals_forwarded_and_child_status_returned(tmp_path: Path) -> None:
+async def test_signals_forwarded_and_child_status_returned(
+    pg_cluster: PostgresCluster, tmp_path: Path
+) -> None:
     """SIGHUP, SIGUSR1 and SIGUSR2 reach the child; on SIGTERM the child exits 3 and so does
     the sidecar."""
     child = write_script(tmp_path / "child.py", SIGNAL_CHILD)
     rec = tmp_path / "signals.txt"
     async with (
-        Stack() as stack,
+        Stack(pg_cluster) as stack,
         running_sidecar(stack, tmp_path, cmd=[PY, str(child), str(rec)]) as sc,
     ):
         await sc.wait(lambda: "ready" in _lines(rec), "child installed its handlers")
@@ -165,12 +170,14 @@ async def test_signals_forwarded_and_child_status_returned(tmp_path: Path) -> No
         assert _lines(rec) == ["ready", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGTERM"]
 
 
-async def test_child_ignoring_sigterm_is_killed_after_grace(tmp_path: Path) -> None:
+async def test_child_ignoring_sigterm_is_killed_after_grace(
+    pg_cluster: PostgresCluster, tmp_path: Path
+) -> None:
     """A child that ignores SIGTERM is SIGKILLed after SIDECAR_STOP_GRACE; the sidecar exits 137."""
     child = write_script(tmp_path / "child.py", STUBBORN_CHILD)
     rec = tmp_path / "ready.txt"
     async with (
-        Stack() as stack,
+        Stack(pg_cluster) as stack,
         running_sidecar(
             stack,
             tmp_path,
@@ -190,10 +197,12 @@ async def test_child_ignoring_sigterm_is_killed_after_grace(tmp_path: Path) -> N
         pytest.param(["/nonexistent/e2e-no-such-command"], ExitCode.CHILD_NOT_FOUND, id="missing"),
     ],
 )
-async def test_exit_code_is_the_childs(tmp_path: Path, cmd: list[str], expected: int) -> None:
+async def test_exit_code_is_the_childs(
+    pg_cluster: PostgresCluster, tmp_path: Path, cmd: list[str], expected: int
+) -> None:
     """The sidecar exits with the child's own status, or 127 when the command does not exist."""
     async with (
-        Stack() as stack,
+        Stack(pg_cluster) as stack,
         running_sidecar(stack, tmp_path, cmd=cmd, wait_ready=False) as sc,
     ):
         assert await sc.wait_exit(30) == expected, sc.tail()
@@ -220,7 +229,7 @@ def _can_unshare_pid() -> str | None:
     return None
 
 
-async def test_pid1_reaps_orphaned_grandchild(tmp_path: Path) -> None:
+async def test_pid1_reaps_orphaned_grandchild(pg_cluster: PostgresCluster, tmp_path: Path) -> None:
     """As PID 1 of its own PID namespace the sidecar reaps a grandchild orphaned by a double
     fork, so no zombie remains, and exits with the child's status."""
     reason = _can_unshare_pid()
@@ -229,7 +238,7 @@ async def test_pid1_reaps_orphaned_grandchild(tmp_path: Path) -> None:
     child = write_script(tmp_path / "child.py", ORPHAN_CHILD)
     out = tmp_path / "orphan.json"
     async with (
-        Stack() as stack,
+        Stack(pg_cluster) as stack,
         running_sidecar(
             stack,
             tmp_path,
@@ -248,14 +257,16 @@ async def test_pid1_reaps_orphaned_grandchild(tmp_path: Path) -> None:
 # -- start order --
 
 
-async def test_child_starts_after_hydration_and_buffered_deltas(tmp_path: Path) -> None:
+async def test_child_starts_after_hydration_and_buffered_deltas(
+    pg_cluster: PostgresCluster, tmp_path: Path
+) -> None:
     """An edit that arrives while the (slowed) hydration runs is buffered and applied before the
     child starts: the child sees the file at its first look."""
     files = {**SAMPLE, "assets/noise.bin": os.urandom(96_000)}
     probe = write_script(tmp_path / "probe.py", STARTUP_PROBE)
     seen = tmp_path / "seen.txt"
-    async with Stack(files=files) as stack:
-        snap = stack.snapshot()
+    async with Stack(pg_cluster, files) as stack:
+        snap = await stack.publish()
         stack.snaps.faults.trickle = 20_000  # ~5 s of hydration: margin for a loaded machine
         async with running_sidecar(
             stack, tmp_path, cmd=[PY, str(probe), str(seen)], snapshot=snap, wait_ready=False
@@ -265,7 +276,7 @@ async def test_child_starts_after_hydration_and_buffered_deltas(tmp_path: Path) 
                 "subscribed and downloading",
             )
             assert not seen.exists(), "the child started before hydration finished"
-            await stack.rpc.editor_upsert(stack.project, "late.txt", b"buffered")
+            await stack.editor_upsert("late.txt", b"buffered")
             assert not sc.events("snapshot.hydrated"), "the edit came after hydration: too slow"
             await sc.wait(seen.exists, "child started", 30)
             assert seen.read_text() == "late=buffered"
@@ -276,13 +287,15 @@ async def test_child_starts_after_hydration_and_buffered_deltas(tmp_path: Path) 
             await sc.wait_ready()
 
 
-async def test_file_written_by_child_at_start_is_pushed(tmp_path: Path) -> None:
+async def test_file_written_by_child_at_start_is_pushed(
+    pg_cluster: PostgresCluster, tmp_path: Path
+) -> None:
     """A file the child writes the moment it starts (a code generator, `npm install`) is a local
     change and reaches the database, even if the watcher was not armed yet."""
     # A shell writes at once (a Python child would take longer to start than the watcher).
     generator = "printf 'written by the child at start\\n' > generated.txt; exec sleep 3600"
     async with (
-        Stack() as stack,
+        Stack(pg_cluster) as stack,
         running_sidecar(
             stack,
             tmp_path,
@@ -291,20 +304,18 @@ async def test_file_written_by_child_at_start_is_pushed(tmp_path: Path) -> None:
             env_overrides={"SIDECAR_LOCAL_CHANGES": "true"},
         ) as sc,
     ):
-        await sc.wait(
-            lambda: stack.rpc.head(stack.project, "generated.txt"), "generated.txt pushed", 10
-        )
-        row = stack.rpc.head(stack.project, "generated.txt")
-        assert row is not None
-        assert row.content == b"written by the child at start\n"
+        await sc.wait(lambda: stack.content("generated.txt"), "generated.txt pushed", 10)
+        assert await stack.content("generated.txt") == b"written by the child at start\n"
 
 
 # -- readiness --
 
 
-async def test_readiness_follows_realtime_outage(tmp_path: Path) -> None:
+async def test_readiness_follows_realtime_outage(
+    pg_cluster: PostgresCluster, tmp_path: Path
+) -> None:
     """/readyz turns 503 with a reason while Realtime is unreachable and 200 again after."""
-    async with Stack() as stack, running_sidecar(stack, tmp_path) as sc:
+    async with Stack(pg_cluster) as stack, running_sidecar(stack, tmp_path) as sc:
         stack.rt.refuse_connects(503)
         stack.rt.abort()
 
@@ -318,13 +329,13 @@ async def test_readiness_follows_realtime_outage(tmp_path: Path) -> None:
         await sc.wait_ready(20)
 
 
-async def test_readiness_follows_child_restart(tmp_path: Path) -> None:
+async def test_readiness_follows_child_restart(pg_cluster: PostgresCluster, tmp_path: Path) -> None:
     """With SIDECAR_RESTART_CHILD a child that exits makes /readyz 503 (child exited) until it
     has been restarted, then 200 again."""
     child = write_script(tmp_path / "child.py", RESTARTING_CHILD)
     starts, die = tmp_path / "starts.txt", tmp_path / "die"
     async with (
-        Stack() as stack,
+        Stack(pg_cluster) as stack,
         running_sidecar(
             stack,
             tmp_path,
@@ -348,13 +359,15 @@ async def test_readiness_follows_child_restart(tmp_path: Path) -> None:
 # -- hooks --
 
 
-async def test_on_change_hook_coalesces_a_burst(tmp_path: Path) -> None:
+async def test_on_change_hook_coalesces_a_burst(
+    pg_cluster: PostgresCluster, tmp_path: Path
+) -> None:
     """Twenty edits matching SIDECAR_ON_CHANGE within a few milliseconds produce exactly one run
     of the hook (debounce 0.3 s after the last change), covering all twenty paths."""
     hook = write_script(tmp_path / "hook.py", HOOK_COUNTER)
     counter = tmp_path / "runs.txt"
     async with (
-        Stack() as stack,
+        Stack(pg_cluster) as stack,
         running_sidecar(
             stack,
             tmp_path,
@@ -362,7 +375,7 @@ async def test_on_change_hook_coalesces_a_burst(tmp_path: Path) -> None:
         ) as sc,
     ):
         for i in range(20):
-            await stack.rpc.editor_upsert(stack.project, f"burst/f{i:02d}.js", f"{i}\n".encode())
+            await stack.editor_upsert(f"burst/f{i:02d}.js", f"{i}\n".encode())
         await sc.wait_tree(stack.files)
         await sc.wait_log("hooks.on_change_finished")
         # The one run saw all 20 paths, so nothing was left pending for a second run.
@@ -374,14 +387,16 @@ async def test_on_change_hook_coalesces_a_burst(tmp_path: Path) -> None:
 # -- secrets --
 
 
-async def test_no_secret_in_output_status_or_metrics(tmp_path: Path) -> None:
+async def test_no_secret_in_output_status_or_metrics(
+    pg_cluster: PostgresCluster, tmp_path: Path
+) -> None:
     """Neither the token, the keys nor any signed URL's query string appears in a full run's
     logs, /status or /metrics, in a failing run's error, or in the child's environment."""
     child = write_script(tmp_path / "child.py", ENV_DUMP_CHILD)
     child_env = tmp_path / "child-env.json"
-    async with Stack() as stack:
+    async with Stack(pg_cluster, worker=True) as stack:
         token = stack.token()
-        expired = stack.snapshot(expires_in=-10)
+        expired = await stack.publish(expires_in=-10)
         async with running_sidecar(
             stack,
             tmp_path,
@@ -391,23 +406,25 @@ async def test_no_secret_in_output_status_or_metrics(tmp_path: Path) -> None:
             upstream=True,
             env_overrides={"LOG_LEVEL": "debug", "SIDECAR_LOCAL_CHANGES": "true"},
         ) as sc:
-            await stack.rpc.editor_upsert(stack.project, "src/app.js", b"edited\n")
-            stack.rt.send_db(stack.topic, "file:update", {"file_path": "../x", "version": 1})
+            await stack.editor_upsert("src/app.js", b"edited\n")
+            await stack.send_db("file:update", {"file_path": "../x", "version": 1})
             await sc.wait_log("watcher.ready")
             (sc.project_dir / "local.txt").write_bytes(b"made in the container\n")
-            await sc.wait(lambda: stack.rpc.head(stack.project, "local.txt"), "local push")
+            await sc.wait(lambda: stack.content("local.txt"), "local push")
             await sc.wait_tree(stack.files)
             await sc.wait(child_env.exists, "child wrote its environment")
             status = json.dumps(await sc.status())
             metrics = await sc.metrics()
         full_run = sc.log_text() + status + metrics
         env_seen = json.loads(child_env.read_text())
+        answers = [m["snapshot_url"] for m in await stack.messages("snapshot:ready")]
 
-    # A failing run on a stack where nobody answers snapshot:request (a fresh Realtime server, so
-    # the earlier snapshot:ready is not replayed to it).
-    async with Stack(producer=False) as quiet:
+    # A failing run where nobody answers the snapshot request (no worker, and without
+    # SUPABASE_URL the request is a broadcast that the channel policy refuses), on a new
+    # project, so the earlier snapshot:ready is not replayed to it.
+    async with Stack(pg_cluster, worker=False) as quiet:
         failing_token = quiet.token()
-        failing_url = quiet.snapshot(expires_in=-10)
+        failing_url = await quiet.publish(expires_in=-10)
         async with running_sidecar(
             quiet,
             tmp_path,
@@ -420,11 +437,7 @@ async def test_no_secret_in_output_status_or_metrics(tmp_path: Path) -> None:
             assert await failing.wait_exit(20) == ExitCode.SNAPSHOT_UNAVAILABLE
         failing_run = failing.log_text()
 
-    signed = [expired[0], failing_url[0]] + [
-        m.payload["snapshot_url"]
-        for m in stack.rt.messages
-        if m.event == "snapshot:ready" and m.payload is not None
-    ]
+    signed = [expired[0], failing_url[0], *answers]
     assert len(signed) >= 3, "the self-healing start did not go through snapshot:ready"
     secrets = {"token": token, "failing-token": failing_token, "apikey": stack.rt.anon_key}
     for i, url in enumerate(signed):
