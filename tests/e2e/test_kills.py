@@ -1,7 +1,9 @@
-"""End to end, SIGKILL at any moment: during hydration over an older tree (some kills while it
-publishes) and during a content_url download. PROJECT_DIR is watched the whole time: it never
-shows a partial file or a temp file; after a plain restart it equals the new snapshot exactly,
-with no temp file and no empty directory of the old tree left."""
+"""End to end on a real PostgreSQL, SIGKILL at any moment: during hydration over an older tree
+(some kills while it publishes; the snapshots made by the real publish path), during a
+content_url download and during the fetch of a body too large for its event (get_project_file
+through the gateway). PROJECT_DIR is watched the whole time: it never shows a partial file or a
+temp file; after a plain restart it equals the new snapshot (or the database) exactly, with no
+temp file and no empty directory of the old tree left."""
 
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.testing.postgres import PostgresCluster
 from tests.e2e.e2e_stack import Stack, base_env, read_tree, run_sidecar, running_sidecar
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.pg, pytest.mark.slow]
 
 TMP_MARKER = ".sidecar-tmp-"
 
@@ -93,11 +96,13 @@ def _tree_dirs(project: Path) -> set[str]:
     return out
 
 
-async def test_sigkill_during_hydration_over_an_older_tree(tmp_path: Path) -> None:
+async def test_sigkill_during_hydration_over_an_older_tree(
+    pg_cluster: PostgresCluster, tmp_path: Path
+) -> None:
     rng = random.Random(1234)
     old = {f"old/d{i % 7}/f{i:03d}.bin": rng.randbytes(rng.randint(1, 6000)) for i in range(150)}
     old.update({f"keep/k{i:02d}.txt": f"keep {i}\n".encode() for i in range(20)})
-    async with Stack(files=old) as stack:
+    async with Stack(pg_cluster, old) as stack:
         project = tmp_path / "project"
         code, out, err = await run_sidecar(["hydrate"], base_env(stack, project), tmp_path)
         assert code == 0, out + err
@@ -109,14 +114,12 @@ async def test_sigkill_during_hydration_over_an_older_tree(tmp_path: Path) -> No
             f"new/n{i % 13}/g{i:03d}.bin": rng.randbytes(rng.randint(500, 8000)) for i in range(600)
         }
         new_files.update({f"keep/k{i:02d}.txt": f"changed {i}\n".encode() for i in range(10)})
-        for p in old:
-            if p.startswith("old/"):
-                await stack.rpc.editor_delete(stack.project, p)
-        await stack.rpc.editor_bulk(stack.project, new_files)
-        want = stack.files()
+        await stack.editor_bulk(dict.fromkeys(p for p in old if p.startswith("old/")))
+        await stack.editor_bulk(new_files)
+        want = await stack.files()
         for p, d in want.items():
             allowed.setdefault(p, set()).add(_sha(d))
-        url, sha = stack.snapshot()
+        url, sha = await stack.publish()
         env = base_env(stack, project, snapshot=(url, sha))
         argv = [sys.executable, "-m", "sidecar", "hydrate"]
 
@@ -154,11 +157,11 @@ async def test_sigkill_during_hydration_over_an_older_tree(tmp_path: Path) -> No
                     completed += 1
                     rev = {p: rng.randbytes(300) for p in rng.sample(sorted(want), 50)}
                     gone = [p for p in want if p.startswith(f"new/n{completed % 13}/")]
-                    await stack.rpc.editor_bulk(stack.project, {**rev, **dict.fromkeys(gone)})
-                    want = stack.files()
+                    await stack.editor_bulk({**rev, **dict.fromkeys(gone)})
+                    want = await stack.files()
                     for p, d in want.items():
                         allowed.setdefault(p, set()).add(_sha(d))
-                    env = base_env(stack, project, snapshot=stack.snapshot())
+                    env = base_env(stack, project, snapshot=await stack.publish())
                 watch.check()
         finally:
             stop.set()
@@ -180,13 +183,25 @@ async def test_sigkill_during_hydration_over_an_older_tree(tmp_path: Path) -> No
         assert leftovers == []
 
 
-async def test_sigkill_during_a_content_url_download(tmp_path: Path) -> None:
+async def test_sigkill_during_a_content_url_download(
+    pg_cluster: PostgresCluster, tmp_path: Path
+) -> None:
     """The partial download lives in the state directory, never in PROJECT_DIR; a restart
-    sweeps it and converges."""
-    async with Stack() as stack:
-        stack.rpc.inline_limit = 1024  # larger bodies travel by content_url
+    sweeps it and converges. The event is the contract's `content_url` form (a producer that
+    keeps large bodies in Storage), written by the database with realtime.send; the migration
+    itself sends body-less events instead (the next test). project_files does not have the
+    file, so the tree converges on the database's files plus that event's."""
+    async with Stack(pg_cluster) as stack:
         big = os.urandom(3 * 1024 * 1024)
-        allowed = {p: {_sha(d)} for p, d in stack.files().items()}
+        stack.snaps.add("blobs/big.bin", big)
+        event = {
+            "file_path": "assets/big.bin",
+            "content_url": stack.snaps.url_for("blobs/big.bin"),
+            "content_hash": _sha(big),
+            "size": len(big),
+            "version": 1,
+        }
+        allowed = {p: {_sha(d)} for p, d in (await stack.files()).items()}
         allowed["assets/big.bin"] = {_sha(big)}
         stage = tmp_path / "sidecar-project" / ".sidecar" / "tmp"
         async with running_sidecar(stack, tmp_path) as sc:
@@ -194,8 +209,8 @@ async def test_sigkill_during_a_content_url_download(tmp_path: Path) -> None:
             stop = asyncio.Event()
             watcher = asyncio.create_task(watch.run(stop))
             try:
-                stack.rpc.faults.content_trickle = 1024 * 1024
-                await stack.rpc.editor_upsert(stack.project, "assets/big.bin", big)
+                stack.snaps.faults.trickle = 1024 * 1024
+                await stack.send_db("file:update", event)
 
                 def partial() -> bool:
                     return any(p.stat().st_size > 1024 * 1024 for p in stage.glob("*"))
@@ -209,8 +224,50 @@ async def test_sigkill_during_a_content_url_download(tmp_path: Path) -> None:
             assert watch.violations == [], watch.violations[:10]
             assert not (sc.project_dir / "assets" / "big.bin").exists()
             assert list(stage.glob("*")), "the partial download was in the state directory"
-        stack.rpc.faults.content_trickle = None
+        stack.snaps.faults.trickle = None
         async with running_sidecar(stack, tmp_path) as sc2:
-            await sc2.wait_tree(stack.files, timeout=30)
+
+            async def want() -> dict[str, bytes]:
+                return {**await stack.files(), "assets/big.bin": big}
+
+            await sc2.wait_tree(want, timeout=30)
             assert list(stage.glob("*")) == []
             assert [p for p in sc2.project_dir.rglob("*") if TMP_MARKER in p.name] == []
+
+
+async def test_sigkill_during_a_large_body_fetch(
+    pg_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    """A body too large for its event (the migration sends size, no content) is fetched with
+    get_project_file through the gateway, slowly: SIGKILL half way leaves nothing of it on disk,
+    neither in PROJECT_DIR nor in the state directory (the bytes are checked in memory before
+    they are staged), and a restart fetches it again and converges on the database."""
+    async with Stack(pg_cluster) as stack:
+        big = os.urandom(3 * 1024 * 1024)
+        allowed = {p: {_sha(d)} for p, d in (await stack.files()).items()}
+        allowed["assets/big.bin"] = {_sha(big)}
+        stage = tmp_path / "sidecar-project" / ".sidecar" / "tmp"
+        env = {"SUPABASE_URL": stack.rpc.url}
+        async with running_sidecar(stack, tmp_path, env_overrides=env) as sc:
+            watch = Watch(sc.project_dir, allowed)
+            stop = asyncio.Event()
+            watcher = asyncio.create_task(watch.run(stop))
+            try:
+                stack.rpc.faults.content_trickle = 1024 * 1024
+                await stack.editor_upsert("assets/big.bin", big)
+                await sc.wait(
+                    lambda: stack.rpc.trickled > 1024 * 1024, "the body fetch half way", 20
+                )
+                sc.send_signal(signal.SIGKILL)
+                await sc.wait_exit()
+            finally:
+                stop.set()
+                await watcher
+            assert watch.violations == [], watch.violations[:10]
+            assert not (sc.project_dir / "assets" / "big.bin").exists()
+            assert list(stage.glob("*")) == []
+        stack.rpc.faults.content_trickle = None
+        async with running_sidecar(stack, tmp_path, env_overrides=env) as sc2:
+            await sc2.wait_tree(stack.files, timeout=30)
+            assert [p for p in sc2.project_dir.rglob("*") if TMP_MARKER in p.name] == []
+            assert await sc2.metric("sidecar_resyncs_total") == 0  # fetched, not re-snapshotted
