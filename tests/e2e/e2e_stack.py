@@ -398,9 +398,7 @@ class Stack(PgStack):
     async def send_db(self, event: str, payload: dict[str, Any]) -> None:
         """`realtime.send` on the project's topic, as a database function (a trigger, another
         producer) would: the event is stored and delivered with meta.id, like the RPCs' own."""
-        await self.sql(
-            "select realtime.send(%s, %s, %s, true)", Jsonb(payload), event, self.topic
-        )
+        await self.sql("select realtime.send(%s, %s, %s, true)", Jsonb(payload), event, self.topic)
 
     async def messages(self, event: str) -> list[dict[str, Any]]:
         """The payloads of the realtime.messages rows of this topic with this event name."""
@@ -770,16 +768,20 @@ async def running_sidecar(
     wrap: Sequence[str] = (),
     name: str = "sidecar",
     subcommand: str = "run",
+    out_dir: Path | None = None,
 ) -> AsyncIterator[Sidecar]:
     """Run `python -m sidecar run -- CMD` against `stack`; yield a Sidecar once /readyz is 200.
 
-    The project dir is tmp_path/<name>-project, output goes to tmp_path/<name>.out/.err, the
+    The project dir is tmp_path/<name>-project, output goes to <name>.out/.err in `out_dir`
+    (default tmp_path: a test whose tmp_path is a disk it fills keeps the output elsewhere, as a
+    container's stdout is a pipe to its runtime, not a file on the project's disk), the
     health listener binds 127.0.0.1:0 (its port is read from the `health.listening` log line).
     `snapshot` defaults to a fresh one of the database (published now); `token_file` switches
     to REALTIME_TOKEN_FILE (written with `token` when given). On exit the process gets SIGTERM
     (SIGKILL after 15 s).
     """
     project_dir = tmp_path / f"{name}-project"
+    out_dir = out_dir or tmp_path
     if snapshot is None and isinstance(stack, Stack):
         snapshot = await stack.publish()
     env = base_env(
@@ -795,15 +797,15 @@ async def running_sidecar(
         _sidecar_argv(cmd, wrap, subcommand),
         env,
         tmp_path,
-        tmp_path / f"{name}.out",
-        tmp_path / f"{name}.err",
+        out_dir / f"{name}.out",
+        out_dir / f"{name}.err",
     )
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
     sc = Sidecar(
         proc,
         project_dir,
-        tmp_path / f"{name}.out",
-        tmp_path / f"{name}.err",
+        out_dir / f"{name}.out",
+        out_dir / f"{name}.err",
         session,
         wrapped=bool(wrap),
         _closers=closers,

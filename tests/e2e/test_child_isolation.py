@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.testing.postgres import PostgresCluster
 from tests.e2e.e2e_stack import Stack, atomic_write, running_sidecar
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.pg]
 
 # Plain sh (the unprivileged user cannot run the test's interpreter under /root): report what
 # it could open, what its environment holds, whether it can write the project, then stay up.
@@ -31,13 +32,15 @@ exec sleep 600
 """
 
 
-async def test_unprivileged_child_cannot_read_the_token(tmp_path: Path) -> None:
+async def test_unprivileged_child_cannot_read_the_token(
+    pg_cluster: PostgresCluster, tmp_path: Path
+) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root: the sidecar switches the child to another user")
     nobody = pwd.getpwnam("nobody")
     tmp_path.chmod(0o755)  # the child's cwd is below it
     token_file = tmp_path / "secrets" / "token"
-    async with Stack() as stack:
+    async with Stack(pg_cluster) as stack:
         token = stack.token()
         async with running_sidecar(
             stack,
@@ -61,7 +64,7 @@ async def test_unprivileged_child_cannot_read_the_token(tmp_path: Path) -> None:
             assert (token_file.stat().st_mode & 0o077) == 0
             assert (sc.project_dir / "src" / "app.js").stat().st_uid == nobody.pw_uid
             # Changes from the database land owned by the child's user too.
-            await stack.rpc.editor_upsert(stack.project, "lib/new.js", b"new\n")
+            await stack.editor_upsert("lib/new.js", b"new\n")
             await sc.wait_file("lib/new.js", b"new\n")
             assert (sc.project_dir / "lib").stat().st_uid == nobody.pw_uid
             assert (sc.project_dir / "lib" / "new.js").stat().st_uid == nobody.pw_uid

@@ -2,7 +2,9 @@
 full disk, under a read-only parent, with a read-only state directory, on a filesystem that
 turned read-only, with a state directory on another filesystem, and without permission. Each
 exits with its documented code and one line naming the path and the cause, no traceback, and
-PROJECT_DIR is left as it was."""
+PROJECT_DIR is left as it was; `sidecar run` on a disk that fills up or turns read-only keeps
+its child and converges. The project lives in a real PostgreSQL and every snapshot is made by
+the real publish path (tests/e2e/e2e_stack.py)."""
 
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ from typing import Any
 import pytest
 
 from sidecar.errors import ExitCode
+from sidecar.testing.postgres import PostgresCluster
 from tests.e2e.e2e_stack import SAMPLE, Stack, base_env, read_tree, run_sidecar, running_sidecar
 from tests.fsfaults import fill, readonly_bind, remount, tmpfs
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.pg]
 
 
 def _one_error_line(out: str, err: str) -> str:
@@ -30,7 +33,8 @@ def _one_error_line(out: str, err: str) -> str:
 
 
 async def _hydrate(stack: Stack, project: Path, tmp: Path, **over: str | None) -> tuple[int, str]:
-    env = base_env(stack, project, overrides=over)
+    """`sidecar hydrate` of a snapshot of the database as it is now."""
+    env = base_env(stack, project, snapshot=await stack.publish(), overrides=over)
     code, out, err = await run_sidecar(["hydrate"], env, tmp)
     if code == 0:
         return code, ""
@@ -38,18 +42,18 @@ async def _hydrate(stack: Stack, project: Path, tmp: Path, **over: str | None) -
 
 
 async def test_full_disk_during_hydrate_exits_no_space_and_keeps_the_old_tree(
-    tmp_path: Path,
+    pg_cluster: PostgresCluster, tmp_path: Path
 ) -> None:
     """A snapshot larger than the free space: exit NO_SPACE naming the file being written, the
     previously hydrated tree unchanged, no staging left; after freeing space it hydrates."""
-    async with Stack() as stack:
+    async with Stack(pg_cluster) as stack:
         with tmpfs(tmp_path / "disk", "1m") as disk:
             project = disk / "project"
             code, line = await _hydrate(stack, project, tmp_path)
             assert code == 0, line
             before = read_tree(project)
             ballast = fill(disk, leave=64 * 1024)
-            await stack.rpc.editor_upsert(stack.project, "big.bin", os.urandom(300 * 1024))
+            await stack.editor_upsert("big.bin", os.urandom(300 * 1024))
             code, line = await _hydrate(stack, project, tmp_path)
             assert code == ExitCode.NO_SPACE, line
             assert "no space left on device" in line
@@ -59,13 +63,13 @@ async def test_full_disk_during_hydrate_exits_no_space_and_keeps_the_old_tree(
             ballast.unlink()
             code, line = await _hydrate(stack, project, tmp_path)
             assert code == 0, line
-            assert read_tree(project) == stack.files()
+            assert read_tree(project) == await stack.files()
 
 
-async def test_read_only_parent_and_state_dir(tmp_path: Path) -> None:
+async def test_read_only_parent_and_state_dir(pg_cluster: PostgresCluster, tmp_path: Path) -> None:
     """PROJECT_DIR under a read-only parent, and a read-only SIDECAR_STATE_DIR (missing or
     existing): exit READ_ONLY naming the directory; nothing is created."""
-    async with Stack(files=SAMPLE) as stack:
+    async with Stack(pg_cluster, SAMPLE) as stack:
         ro = tmp_path / "ro"
         (ro / "state").mkdir(parents=True)
         project = tmp_path / "project"
@@ -83,15 +87,15 @@ async def test_read_only_parent_and_state_dir(tmp_path: Path) -> None:
         assert sorted(os.listdir(ro)) == ["state"]
 
 
-async def test_filesystem_turned_read_only(tmp_path: Path) -> None:
+async def test_filesystem_turned_read_only(pg_cluster: PostgresCluster, tmp_path: Path) -> None:
     """A hydrated project whose filesystem was remounted read-only: a new snapshot exits
     READ_ONLY naming PROJECT_DIR, the tree as it was."""
-    async with Stack() as stack:
+    async with Stack(pg_cluster) as stack:
         with tmpfs(tmp_path / "disk", "4m") as disk:
             project = disk / "project"
             assert (await _hydrate(stack, project, tmp_path))[0] == 0
             before = read_tree(project)
-            await stack.rpc.editor_upsert(stack.project, "src/app.js", b"export const v = 2;\n")
+            await stack.editor_upsert("src/app.js", b"export const v = 2;\n")
             remount(disk, "remount,ro")
             code, line = await _hydrate(stack, project, tmp_path)
             assert code == ExitCode.READ_ONLY, line
@@ -100,10 +104,12 @@ async def test_filesystem_turned_read_only(tmp_path: Path) -> None:
             remount(disk, "remount,rw")
 
 
-async def test_state_dir_on_another_filesystem_is_refused_up_front(tmp_path: Path) -> None:
+async def test_state_dir_on_another_filesystem_is_refused_up_front(
+    pg_cluster: PostgresCluster, tmp_path: Path
+) -> None:
     """SIDECAR_STATE_DIR on a second tmpfs: exit CONFIG before any download, naming both
     directories and the fix; PROJECT_DIR stays empty (was: EXDEV mid-publish, exit 70)."""
-    async with Stack() as stack:
+    async with Stack(pg_cluster) as stack:
         with tmpfs(tmp_path / "other", "4m") as other:
             project = tmp_path / "project"
             code, line = await _hydrate(
@@ -123,7 +129,7 @@ async def test_state_dir_on_another_filesystem_is_refused_up_front(tmp_path: Pat
             assert read_tree(project) == {}
 
 
-async def test_permission_denied(tmp_path: Path) -> None:
+async def test_permission_denied(pg_cluster: PostgresCluster, tmp_path: Path) -> None:
     """Without CAP_DAC_OVERRIDE (root in most containers has it; a non-root image does not),
     PROJECT_DIR in a directory owned by someone else exits PERMISSION_DENIED naming it."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
@@ -133,7 +139,7 @@ async def test_permission_denied(tmp_path: Path) -> None:
     os.chown(parent, 65534, 65534)
     caps = "-dac_override,-dac_read_search"
     wrap = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", "--"]
-    async with Stack() as stack:
+    async with Stack(pg_cluster) as stack:
         env = base_env(stack, parent / "project")
         code, out, err = await run_sidecar(["hydrate"], env, tmp_path, wrap=wrap)
         assert code == ExitCode.PERMISSION_DENIED, out + err
@@ -144,16 +150,23 @@ async def test_permission_denied(tmp_path: Path) -> None:
 
 
 async def test_full_disk_in_run_keeps_the_child_and_converges_when_space_is_back(
-    tmp_path: Path,
+    pg_cluster: PostgresCluster, tmp_path: Path
 ) -> None:
     """`sidecar run` with PROJECT_DIR on a full tmpfs: deltas and then a resync fail with
     ENOSPC; the child keeps running, the failure is visible (log, metric, /status, /readyz 503
     with the reason), the failed event's seq is not counted as applied, and once space is freed
-    the tree converges within seconds (not after the snapshot:request timeout)."""
-    async with Stack() as stack:
+    the tree converges within seconds (not after the snapshot:request timeout). The resync is
+    asked of the database (request_snapshot) and answered by the worker."""
+    async with Stack(pg_cluster, worker=True) as stack:
         with tmpfs(tmp_path / "disk", "4m") as disk:
-            env = {"SIDECAR_SNAPSHOT_REQUEST_WAIT": "60", "SIDECAR_STATE_DIR": None}
-            async with running_sidecar(stack, disk, cmd=["sleep", "600"], env_overrides=env) as sc:
+            env = {
+                "SIDECAR_SNAPSHOT_REQUEST_WAIT": "60",
+                "SIDECAR_STATE_DIR": None,
+                "SUPABASE_URL": stack.rpc.url,
+            }
+            async with running_sidecar(
+                stack, disk, cmd=["sleep", "600"], env_overrides=env, out_dir=tmp_path
+            ) as sc:
 
                 async def child_pid() -> int | None:
                     pid: int | None = (await sc.status())["child"]["pid"]
@@ -162,8 +175,8 @@ async def test_full_disk_in_run_keeps_the_child_and_converges_when_space_is_back
                 child = await sc.wait(child_pid, "the child is running")
                 ballast = fill(disk)
                 # Deltas on a full disk.
-                await stack.rpc.editor_upsert(stack.project, "src/big.js", os.urandom(40 * 1024))
-                await stack.rpc.editor_upsert(stack.project, "src/next.js", b"next\n")
+                await stack.editor_upsert("src/big.js", os.urandom(40 * 1024))
+                await stack.editor_upsert("src/next.js", b"next\n")
                 await sc.wait_log("sync.environment_fault")
 
                 async def unready() -> dict[str, Any] | None:
@@ -174,11 +187,11 @@ async def test_full_disk_in_run_keeps_the_child_and_converges_when_space_is_back
                 assert any("no space left" in r for r in doc["reasons"]), doc
                 status = await sc.status()
                 assert status["fault"], status
-                assert status["last_seq"] < stack.rpc.seq(stack.project), status
+                assert status["last_seq"] < await stack.seq(), status
                 assert status["child"]["pid"] == child
                 assert await sc.metric("sidecar_events_total", outcome="environment_fault") >= 1
                 # Held behind the stalled event, not mistaken for a gap (no snapshot asked for).
-                await stack.rpc.editor_upsert(stack.project, "src/third.js", b"third\n")
+                await stack.editor_upsert("src/third.js", b"third\n")
                 await sc.wait(
                     lambda: sc.metric("sidecar_events_total", outcome="environment_fault"),
                     "a retry",
@@ -187,19 +200,20 @@ async def test_full_disk_in_run_keeps_the_child_and_converges_when_space_is_back
                 freed = time.monotonic()
                 await sc.wait_tree(stack.files, timeout=15)
                 assert not sc.events("sync.gap_detected")
-                assert stack.producer.requests == []
+                assert await stack.snapshot_requests() == []
                 assert time.monotonic() - freed < 10
                 await sc.wait_ready(10)
-                assert (await sc.status())["last_seq"] == stack.rpc.seq(stack.project)
+                assert (await sc.status())["last_seq"] == await stack.seq()
 
-                # A resync (gap beyond replay) on a full disk.
+                # A resync (gap beyond replay and the pruned event log) on a full disk.
                 ballast = fill(disk)
-                rt, p = stack.rt, stack.project
+                rt = stack.rt
                 rt.knobs.replication_up = False
                 for i in range(30):
-                    await stack.rpc.editor_upsert(p, f"gap/f{i:02d}.txt", os.urandom(2048))
+                    await stack.editor_upsert(f"gap/f{i:02d}.txt", os.urandom(2048))
+                assert await stack.prune_event_log() >= 29
                 rt.knobs.replication_up = None
-                await stack.rpc.editor_upsert(p, "gap/last.txt", b"seen live\n")
+                await stack.editor_upsert("gap/last.txt", b"seen live\n")
                 await sc.wait_log(
                     "sync.environment_fault", where=lambda d: d.get("event_name") == "resync"
                 )
@@ -214,17 +228,19 @@ async def test_full_disk_in_run_keeps_the_child_and_converges_when_space_is_back
             assert not list((disk / "sidecar-project").rglob("*.sidecar-tmp-*"))
 
 
-async def test_filesystem_turning_read_only_in_run_is_retried(tmp_path: Path) -> None:
+async def test_filesystem_turning_read_only_in_run_is_retried(
+    pg_cluster: PostgresCluster, tmp_path: Path
+) -> None:
     """PROJECT_DIR turned read-only under a running sidecar (a read-only bind mount over it:
     a remount is refused while the state database is open): a delta stalls (read_only fault,
     /readyz 503 with the reason), the child keeps running, and once it is writable again the
     tree converges within seconds."""
     async with (
-        Stack() as stack,
+        Stack(pg_cluster) as stack,
         running_sidecar(stack, tmp_path, cmd=["sleep", "600"]) as sc,
     ):
         with readonly_bind(sc.project_dir):
-            await stack.rpc.editor_upsert(stack.project, "src/app.js", b"v2\n")
+            await stack.editor_upsert("src/app.js", b"v2\n")
             fault = await sc.wait_log("sync.environment_fault")
             assert fault["kind"] == "read_only", fault
             code, doc = await sc.readyz()

@@ -5,7 +5,8 @@ REALTIME_URL the live stack loads beside the child's start (tests/test_app.py sh
 does not wait for it).
 
 The real CLI runs in a subprocess under a wrapper that records `sys.modules` when the child is
-spawned (the `subprocess.Popen` audit event) and at exit.
+spawned (the `subprocess.Popen` audit event) and at exit, against the stack on a real PostgreSQL
+(tests/e2e/e2e_stack.py).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.testing.postgres import PostgresCluster
 from tests.e2e.e2e_stack import Stack, base_env
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.pg]
 
 _WRAPPER = """
 import atexit, json, os, runpy, sys
@@ -73,8 +75,10 @@ async def _run(argv: list[str], env: dict[str, str], out: Path) -> subprocess.Co
     )
 
 
-async def test_hydrate_and_run_without_realtime_import_only_their_path(tmp_path: Path) -> None:
-    async with Stack() as stack:
+async def test_hydrate_and_run_without_realtime_import_only_their_path(
+    pg_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    async with Stack(pg_cluster) as stack:
         env = base_env(stack, tmp_path / "hydrated", overrides={"REALTIME_URL": None})
         done = await _run(["hydrate"], env, tmp_path / "hydrate")
         assert done.returncode == 0, done.stderr
