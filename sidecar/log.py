@@ -12,7 +12,25 @@ import structlog
 
 from sidecar.redact import redact
 
-__all__ = ["configure_logging", "redact_processor"]
+__all__ = ["LinePrinter", "configure_logging", "redact_processor"]
+
+
+class LinePrinter(structlog.PrintLogger):
+    """structlog's PrintLogger, except that a line its stream cannot take (stdout redirected to
+    a file on a full disk, a pipe whose reader went away) is lost instead of raised: a log call
+    must never be the fault that ends the sidecar, and its child with it (README, "A fault of
+    the environment while running"). `dropped` counts the lost lines of the process."""
+
+    dropped = 0
+
+    def msg(self, message: str) -> None:
+        try:
+            super().msg(message)
+        except OSError:
+            LinePrinter.dropped += 1
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
 
 
 def redact_processor(
@@ -65,9 +83,7 @@ def configure_logging(
             logging.getLevelNamesMapping()[level.upper()]
         ),
         # No explicit stream: print to whatever sys.stdout is at the time of the call.
-        logger_factory=structlog.PrintLoggerFactory(stream)
-        if stream
-        else structlog.PrintLoggerFactory(),
+        logger_factory=lambda *_args: LinePrinter(stream),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.clear_contextvars()

@@ -5,6 +5,7 @@ no database: they are refused before anything is contacted."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from tests.e2e.e2e_stack import (
     base_env,
     run_sidecar,
     running_sidecar,
+    wait_for,
     write_script,
 )
 
@@ -128,6 +130,17 @@ import os, sys
 paths = [p for p in os.environ.get("SIDECAR_CHANGED_PATHS", "").split("\\n") if p]
 with open(sys.argv[1], "a") as f:
     f.write(f"{len(paths)}\\n")
+"""
+
+# Exits 3 once the file given (relative to its cwd, PROJECT_DIR) holds bytes: a delta arrived.
+WAIT_FOR_FILE_CHILD = """
+import os, sys, time
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    if os.path.exists(sys.argv[1]) and os.path.getsize(sys.argv[1]) > 0:
+        sys.exit(3)
+    time.sleep(0.02)
+sys.exit(9)
 """
 
 ENV_DUMP_CHILD = """
@@ -382,6 +395,52 @@ async def test_on_change_hook_coalesces_a_burst(
         assert _lines(counter) == ["20"], _lines(counter)
         started = sc.events("hooks.on_change_started")
         assert [e["paths"] for e in started] == [20], started
+
+
+# -- its own output --
+
+
+async def test_unwritable_stdout_does_not_end_the_sidecar(
+    pg_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    """stdout that takes no line (here /dev/full: every write fails with ENOSPC, as a file on a
+    full disk does) loses the log lines, not the preview: the child runs, the sidecar keeps
+    syncing and exits with the child's status, no traceback. Unbuffered, as the image runs it
+    (Dockerfile: PYTHONUNBUFFERED=1)."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    child = write_script(tmp_path / "child.py", WAIT_FOR_FILE_CHILD)
+    async with Stack(pg_cluster) as stack:
+        env = base_env(stack, tmp_path / "project", snapshot=await stack.publish())
+        env["SIDECAR_HTTP_ADDR"] = "off"
+        with Path("/dev/full").open("wb") as full:
+            proc = await asyncio.create_subprocess_exec(
+                PY,
+                "-m",
+                "sidecar",
+                "run",
+                "--",
+                PY,
+                str(child),
+                "late.txt",
+                env=env,
+                cwd=tmp_path,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=full,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        try:
+            target = tmp_path / "project" / "index.html"
+            await wait_for(target.exists, 30, "hydrated", proc=proc)
+            await stack.editor_upsert("late.txt", b"synced with no log\n")
+            async with asyncio.timeout(30):
+                _, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 3, err.decode()
+        assert "Traceback" not in err.decode(), err.decode()
 
 
 # -- secrets --
