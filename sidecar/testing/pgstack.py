@@ -2,9 +2,10 @@
 
 The Realtime test server in PostgreSQL mode (realtime/database.py), the PostgREST-compatible
 gateway (gateway.py) and the snapshot server, over a cluster from postgres.py with one
-registered project. Snapshots are built from `project_snapshot(with_content)`. The attribute
-names (`rt`, `rpc`, `project`, `token()`, `snapshot()`) are those tests/e2e/e2e_stack.py reads
-from its in-memory Stack, so the same sidecar runners work with both.
+registered project. Snapshots are built from `project_snapshot(with_content)`. The end-to-end
+tests' Stack (tests/e2e/e2e_stack.py) extends it with the real publish path, the snapshot worker
+and superuser helpers; the attribute names (`rt`, `rpc`, `project`, `token()`, `snapshot()`)
+are also those of the in-memory stack there, so the same sidecar runners work with all of them.
 """
 
 from __future__ import annotations
