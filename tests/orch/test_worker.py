@@ -74,14 +74,27 @@ class Workers:
         self.procs.append(proc)
         return proc
 
-    async def metric(self, proc: asyncio.subprocess.Process, name: str) -> float:
-        """The sum of a metric's samples on the worker's /metrics."""
+    async def port(self, proc: asyncio.subprocess.Process, timeout: float = 30) -> int:
+        """The port of the worker's /metrics, from its `worker.http` line (waited for: a worker
+        that the other one beat to every request may still be starting)."""
         import json
 
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.logs().splitlines():
+                if '"worker.http"' in line:
+                    doc = json.loads(line)
+                    if doc["worker"].endswith(f":{proc.pid}"):
+                        return int(doc["port"])
+            if proc.returncode is not None or time.monotonic() > deadline:
+                raise AssertionError(f"worker {proc.pid} never listened:\n{self.logs()[-2000:]}")
+            await asyncio.sleep(0.05)
+
+    async def metric(self, proc: asyncio.subprocess.Process, name: str) -> float:
+        """The sum of a metric's samples on the worker's /metrics."""
         import aiohttp
 
-        lines = [json.loads(x) for x in self.logs().splitlines() if '"worker.http"' in x]
-        port = next(x["port"] for x in lines if x["worker"].endswith(f":{proc.pid}"))
+        port = await self.port(proc)
         async with (
             aiohttp.ClientSession() as http,
             http.get(f"http://127.0.0.1:{port}/metrics") as resp,
