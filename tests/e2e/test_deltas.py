@@ -281,7 +281,7 @@ async def test_expired_snapshot_url_heals_through_snapshot_request(
             await sc.wait_log("sidecar.snapshot_request")
 
 
-async def test_expired_snapshot_url_without_producer_exits_69(
+async def test_expired_snapshot_url_without_worker_exits_69(
     pg_cluster: PostgresCluster, tmp_path: Path
 ) -> None:
     """With the URL expired and no worker answering the database's snapshot request the sidecar
