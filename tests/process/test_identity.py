@@ -6,15 +6,16 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
+import sidecar
 from sidecar.errors import ConfigError
 from sidecar.process.identity import resolve_child_user
-
-_ROOT = Path(__file__).resolve().parents[2]
 
 # Runs as an unprivileged user (no CAP_SYS_PTRACE): optionally non-dumpable, then a child of the
 # same uid tries to open its parent's environ and mem.
@@ -28,16 +29,31 @@ print(subprocess.run(["sh", "-c", probe], capture_output=True, text=True).stdout
 """
 
 
+@pytest.fixture
+def readable_lib() -> Iterator[Path]:
+    """The packages the script imports, copied where uid 65534 can read them: a checkout or a
+    virtualenv under a 0700 directory (mktemp -d, a home) is out of its reach."""
+    lib = Path(tempfile.mkdtemp(prefix="sidecar-identity-"))
+    try:
+        for pkg in (sidecar, structlog):
+            src = Path(str(pkg.__file__)).parent
+            shutil.copytree(src, lib / src.name, ignore=shutil.ignore_patterns("__pycache__"))
+        for p in (lib, *lib.rglob("*")):
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        yield lib
+    finally:
+        shutil.rmtree(lib)
+
+
 @pytest.mark.parametrize(("mode", "expected"), [("protect", "denied"), ("control", "open")])
-def test_a_same_uid_child_cannot_open_a_non_dumpable_parent(mode: str, expected: str) -> None:
+def test_a_same_uid_child_cannot_open_a_non_dumpable_parent(
+    mode: str, expected: str, readable_lib: Path
+) -> None:
     """The control run (dumpable) shows the probe would see the leak."""
     system_python = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
     if os.geteuid() != 0 or shutil.which("setpriv") is None or not system_python.exists():
         pytest.skip("needs root, setpriv and a system python the unprivileged user can run")
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "PYTHONPATH": f"{_ROOT}:{sysconfig.get_paths()['purelib']}",
-    }
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(readable_lib)}
     out = subprocess.run(
         [
             "setpriv",
