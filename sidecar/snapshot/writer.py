@@ -9,8 +9,8 @@ sidecar/snapshot/frames.py, the manifest's admission checks in sidecar/snapshot/
 `SnapshotWriter` stays one class of about 470 lines: its TarHandler callbacks (`begin`, `whole`,
 `data`, `end`) are the per-member hot loop, and they share the parser state (kinds, the
 manifest's entries, the batch of file-system ops) through plain attributes; spreading that over
-more objects adds an attribute hop per member. `_FsWriter.execute` and `_Pipe` are the other
-half of the hot loop (the write thread).
+more objects adds an attribute hop per member. They run in the helper thread of `_Pipe`, with
+`_FsWriter.execute`, the other half of the hot loop.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ MAX_EXT_BYTES = 64 * 1024  # pax / GNU long-name data per member (paths are at m
 MEMBER_OVERHEAD = 4096  # decompressed bytes allowed per member beyond its data (header, pax)
 DIR_OVERHEAD = 2048  # decompressed bytes allowed per directory member
 EXTRA_DIRS = 10_000  # directory members allowed beyond the manifest's own parent dirs
-QUEUE_DEPTH = 4  # batches (each at most one decompressed chunk) queued for the writer thread
+QUEUE_DEPTH = 4  # decompressed chunks queued for the parsing and writing thread
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # How `tar -C dir .` names the root (the tar reader strips a directory's trailing slash).
 _ROOT_NAMES = frozenset({".", "./"})
@@ -81,18 +81,21 @@ _CLOSE_OP = (_CLOSE,)
 
 
 class _Pipe:
-    """Hands batches of file-system operations to one helper thread that performs them.
+    """Hands decompressed chunks to one helper thread that parses them and does the file work.
 
-    The calling thread decompresses (zstd releases the GIL) and parses; the helper hashes
-    (hashlib releases the GIL) and makes the system calls. Both halves cost about the same, and
-    the parser's long GIL-free decompression lets the helper's many short steps through. The
-    queue is small and bounded (a batch references at most one decompressed chunk), so memory
-    stays bounded; the helper's first error is kept and raised by `check()`/`close()`.
+    The calling thread downloads and decompresses: http.client's reads and zstd release the GIL
+    for long stretches and need it back only once per chunk. The helper parses the tar stream,
+    hashes and makes the system calls: it needs the GIL back after every short call (open,
+    write, close), so it must be the thread that also runs the Python parser, or it would wait
+    behind the parser at each of them (the layout before: a quarter of the helper's time went
+    to such waits, and the two threads added up to about one core). The queue is small and
+    bounded (QUEUE_DEPTH chunks of at most DECOMPRESS_CHUNK bytes), so memory stays bounded;
+    the helper's first error is kept and raised by `check()`/`close()`.
     """
 
-    def __init__(self, execute: Callable[[list[tuple[Any, ...]]], None]) -> None:
+    def __init__(self, execute: Callable[[bytes], None]) -> None:
         self._execute = execute
-        self._queue: queue.SimpleQueue[list[tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         # Free slots as tokens: SimpleQueue blocks in C, cheaper than threading.Semaphore.
         self._slots: queue.SimpleQueue[None] = queue.SimpleQueue()
         for _ in range(QUEUE_DEPTH):
@@ -102,7 +105,7 @@ class _Pipe:
         self._discard = False
         self._stopped = False
 
-    def put(self, batch: list[tuple[Any, ...]]) -> None:
+    def put(self, batch: bytes) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="sidecar-extract", daemon=True)
             self._thread.start()
@@ -271,9 +274,9 @@ class SnapshotWriter:
     QuotaExceededError; after an error the writer is dead and `abort()` removes staging.
     Usable as a context manager: leaving the block without `publish()` aborts.
 
-    Internally the calling thread decompresses and parses, while one helper thread hashes and
-    performs the system calls (create, write, close, mkdir); an error found there (a sha256
-    mismatch, a full disk) surfaces on the next `feed()` or in `finish()`.
+    Internally the calling thread decompresses, while one helper thread parses, hashes and
+    performs the system calls (create, write, close, mkdir); an error found there (a refused
+    member, a sha256 mismatch, a full disk) surfaces on the next `feed()` or in `finish()`.
     `write_thread=False` does everything in the calling thread. Not thread-safe: call every
     method from one thread (the one feeding it).
     """
@@ -320,7 +323,7 @@ class SnapshotWriter:
         self._zw: Any = dctx.stream_writer(sink, write_size=DECOMPRESS_CHUNK)
         self._budget = MAX_MANIFEST_BYTES + 2 * MAX_EXT_BYTES + 4 * BLOCK
 
-        # Parser-side state (calling thread).
+        # Parser-side state (the helper thread's, or the calling thread's without one).
         self._files: Mapping[str, FileEntry] = {}
         self._kinds: dict[str, str] = {}  # path -> "d" | "f" | "l" as staged
         self._explicit_dirs: set[str] = set()
@@ -342,7 +345,8 @@ class SnapshotWriter:
         self._bytes_written = 0
         self._ops: list[tuple[Any, ...]] = []  # file-system work for the current chunk
         self._fs = _FsWriter(self._root, _current_umask())
-        self._pipe = _Pipe(self._fs.execute) if write_thread else None
+        self._parsed = 0  # decompressed bytes parsed (bytes_out runs ahead with the helper)
+        self._pipe = _Pipe(self._parse) if write_thread else None
 
     # -- context manager --
 
@@ -449,9 +453,19 @@ class SnapshotWriter:
     # -- decompressed bytes --
 
     def _on_output(self, data: bytes) -> None:
-        """Parse one decompressed chunk and pass on the file-system work it implies."""
+        """A decompressed chunk: hand it to the helper thread (or parse it here)."""
         self.bytes_out += len(data)
-        if self.bytes_out > self._budget:
+        pipe = self._pipe
+        if pipe is None:
+            self._parse(data)
+        else:
+            pipe.check()  # the helper failed: stop decompressing (a bomb ends here)
+            pipe.put(data)
+
+    def _parse(self, data: bytes) -> None:
+        """Parse one decompressed chunk and perform the file-system work it implies."""
+        self._parsed += len(data)
+        if self._parsed > self._budget:
             if self.manifest is None:
                 raise SnapshotInvalidError("snapshot does not start with a bounded manifest")
             raise SnapshotInvalidError(
@@ -461,10 +475,7 @@ class SnapshotWriter:
         ops = self._ops
         if ops:
             self._ops = []
-            if self._pipe is not None:
-                self._pipe.put(ops)
-            else:
-                self._fs.execute(ops)
+            self._fs.execute(ops)
 
     # -- TarHandler --
 
@@ -588,7 +599,7 @@ class SnapshotWriter:
         files = manifest.files
         self._max_dirs = admitted.parent_dirs + EXTRA_DIRS
         self._budget = (
-            self.bytes_out
+            self._parsed
             + admitted.archive_bytes
             + len(files) * MEMBER_OVERHEAD
             + self._max_dirs * DIR_OVERHEAD
