@@ -9,7 +9,7 @@ import re
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any, NamedTuple, TypeGuard
 
 from sidecar.config import Limits
 from sidecar.errors import QuotaExceededError, SidecarError, SnapshotInvalidError, UnsafePathError
@@ -38,12 +38,16 @@ _SAFE_PATH = re.compile(
     r"(?:(?!\.\.?/)[A-Za-z0-9._@+~=,#%!-]{1,255}/)*(?!\.\.?\Z)[A-Za-z0-9._@+~=,#%!-]{1,255}"
 )
 _RESERVED_PREFIX = STATE_DIR_NAME + "/"
+_safe_path, _hex64 = _SAFE_PATH.fullmatch, _HEX64.fullmatch
 _MODES: dict[int, int] = {}  # at most 512 keys: the permission bits
 
 
-@dataclass(frozen=True, slots=True)
-class FileEntry:
-    """One regular file (or symlink, when `target` is set) the snapshot promises."""
+class FileEntry(NamedTuple):
+    """One regular file (or symlink, when `target` is set) the snapshot promises.
+
+    A NamedTuple rather than a frozen dataclass: a manifest makes one per file, and building a
+    tuple costs a fraction of a frozen dataclass's `__init__` (see `_entry_hook`).
+    """
 
     path: str
     size: int
@@ -64,6 +68,9 @@ class FileEntry:
             out["type"] = "symlink"
             out["target"] = self.target
         return out
+
+
+_new_entry = tuple.__new__  # FileEntry from a 6-tuple, without NamedTuple's Python-level __new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +107,11 @@ class Manifest:
 
         `raw` may also be the text from `decode_manifest` (lets a caller free the bytes first).
         """
+        return cls._parse_counted(raw)[0]
+
+    @classmethod
+    def _parse_counted(cls, raw: bytes | str) -> tuple[Manifest, int]:
+        """(the manifest, how many distinct parent directories its paths have)."""
         if len(raw) > MAX_MANIFEST_BYTES:
             raise SnapshotInvalidError("manifest is larger than 64 MiB")
         # Tens of thousands of new objects, none in a reference cycle: without the cyclic GC
@@ -113,7 +125,7 @@ class Manifest:
                 gc.enable()
 
     @classmethod
-    def _parse(cls, raw: bytes | str) -> Manifest:
+    def _parse(cls, raw: bytes | str) -> tuple[Manifest, int]:
         try:
             # File entries become FileEntry objects as the decoder meets them, so the
             # document never holds tens of thousands of dicts at once.
@@ -138,20 +150,26 @@ class Manifest:
         items = doc.get("files")
         if not isinstance(items, list):
             raise SnapshotInvalidError("manifest files must be a list")
+        # Every item the hook made an entry (the common case): one dict build, and a size check
+        # for duplicates. Else, or with a duplicate, item by item in document order, to raise
+        # the first error (an item the hook left a dict is parsed again for its reason).
         files: dict[str, FileEntry] = {}
-        for item in items:
-            # An item the hook could not turn into an entry is parsed again here, in document
-            # order, to raise its error.
-            entry = item if type(item) is FileEntry else _parse_entry(item)
-            if entry.path in files:
-                raise SnapshotInvalidError(f"manifest lists {entry.path!r} twice")
-            files[entry.path] = entry
+        if all(type(item) is FileEntry for item in items):
+            files = {item[0]: item for item in items}
+        if len(files) != len(items):
+            files = {}
+            for item in items:
+                entry = item if type(item) is FileEntry else _parse_entry(item)
+                if entry.path in files:
+                    raise SnapshotInvalidError(f"manifest lists {entry.path!r} twice")
+                files[entry.path] = entry
         project_id, snapshot_id = doc["project_id"], doc["snapshot_id"]
         del items, doc
-        _check_no_file_dir_clash(files)
-        return cls(
+        parent_dirs = _check_no_file_dir_clash(files)
+        manifest = cls(
             project_id=project_id, snapshot_id=snapshot_id, created_at=created, files=files, seq=seq
         )
+        return manifest, parent_dirs
 
 
 def is_plain_path(path: str) -> bool:
@@ -192,27 +210,17 @@ def _is_int(v: object) -> TypeGuard[int]:
 
 def _entry_hook(obj: dict[str, Any]) -> object:
     """json object_hook: a valid file entry becomes a FileEntry; anything else stays a dict."""
-    if "path" not in obj or "format" in obj:
-        return obj
-    try:
-        return _parse_entry(obj)
-    except SidecarError:
-        return obj  # Manifest.parse raises it again if the object is in the file list
-
-
-def _parse_entry(item: object) -> FileEntry:
-    if type(item) is not dict:
-        raise SnapshotInvalidError("manifest file entry is not an object")
-    if len(item) == 5 and "mode" in item and "version" in item:
+    if len(obj) == 5:
         # The common shape ({mode, path, sha256, size, version}: a plain file) with clearly valid
-        # values is accepted here in one go; anything else gets the checks below, which give
-        # the same verdict with a precise reason.
+        # values is accepted here in one go, without a further call; anything else gets the
+        # checks of _parse_entry, which give the same verdict with a precise reason.
+        get = obj.get
         path, size, sha, mode, version = (
-            item.get("path"),
-            item.get("size"),
-            item.get("sha256"),
-            item["mode"],
-            item["version"],
+            get("path"),
+            get("size"),
+            get("sha256"),
+            get("mode"),
+            get("version"),
         )
         if (
             type(path) is str
@@ -224,14 +232,28 @@ def _parse_entry(item: object) -> FileEntry:
             and version >= 0
             and 0 <= mode <= 0o7777
             and len(path) <= MAX_PATH_BYTES
-            and _SAFE_PATH.fullmatch(path) is not None
-            and _HEX64.fullmatch(sha) is not None
+            and _safe_path(path) is not None
+            and _hex64(sha) is not None
             and path != MANIFEST_NAME
             and path != STATE_DIR_NAME
             and not path.startswith(_RESERVED_PREFIX)
         ):
             mode &= 0o777
-            return FileEntry(path, size, sha, _MODES.setdefault(mode, mode), version, None)
+            entry: FileEntry = _new_entry(
+                FileEntry, (path, size, sha, _MODES.setdefault(mode, mode), version, None)
+            )
+            return entry
+    if "path" not in obj or "format" in obj:
+        return obj
+    try:
+        return _parse_entry(obj)
+    except SidecarError:
+        return obj  # Manifest.parse raises it again if the object is in the file list
+
+
+def _parse_entry(item: object) -> FileEntry:
+    if type(item) is not dict:
+        raise SnapshotInvalidError("manifest file entry is not an object")
     path = item.get("path")
     if type(path) is not str or len(path) > MAX_PATH_BYTES or _SAFE_PATH.fullmatch(path) is None:
         try:
@@ -283,7 +305,8 @@ def check_link_target(path: str, target: str) -> None:
             depth += 1
 
 
-def _check_no_file_dir_clash(files: Mapping[str, FileEntry]) -> None:
+def _check_no_file_dir_clash(files: Mapping[str, FileEntry]) -> int:
+    """Raise if a path is also another one's parent; else the number of parent directories."""
     dirs: set[str] = set()
     add = dirs.add
     for path in files:
@@ -292,13 +315,14 @@ def _check_no_file_dir_clash(files: Mapping[str, FileEntry]) -> None:
             add(parent)
             parent = parent.rpartition("/")[0]
     if dirs.isdisjoint(files):
-        return
+        return len(dirs)
     for path in files:  # name the first clash in file order
         parent = path
         while "/" in parent:
             parent = parent.rpartition("/")[0]
             if parent in files:
                 raise SnapshotInvalidError(f"{parent!r} is both a file and a directory")
+    raise AssertionError("unreachable: dirs and files intersect")  # pragma: no cover
 
 
 def check_symlink_chains(links: Mapping[str, str]) -> None:
@@ -349,7 +373,7 @@ def admit_manifest(
     """
     text = decode_manifest(raw)
     raw.clear()  # release the bytes before the entries are built (lower peak memory)
-    manifest = Manifest.parse(text)
+    manifest, parent_dirs = Manifest._parse_counted(text)
     del text
     if project_id is not None and manifest.project_id != project_id:
         raise SnapshotInvalidError(
@@ -377,10 +401,4 @@ def admit_manifest(
                 raise UnsafePathError(f"{p!r} is inside the sidecar's state directory")
     check_symlink_chains(links)
     check_limits(files.values(), limits)
-    ancestors: set[str] = set()
-    for p in files:
-        p = p.rpartition("/")[0]
-        while p and p not in ancestors:
-            ancestors.add(p)
-            p = p.rpartition("/")[0]
-    return AdmittedManifest(manifest, data, total, len(ancestors))
+    return AdmittedManifest(manifest, data, total, parent_dirs)
