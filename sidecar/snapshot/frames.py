@@ -13,7 +13,10 @@ from sidecar.errors import SnapshotInvalidError
 __all__ = ["DECOMPRESS_CHUNK", "MAX_WINDOW_BYTES", "Frames", "Sink", "window_error"]
 
 MAX_WINDOW_BYTES = 1 << 24  # zstd window (decoder memory); level 19 needs 8 MiB, --long more
-DECOMPRESS_CHUNK = 1 << 18  # decompressed bytes handed to the tar reader at a time
+# Decompressed bytes handed to the tar reader at a time. 1 MiB rather than 256 KiB: a quarter of
+# the hand-overs between the two threads of sidecar/snapshot/writer.py, and more members whole
+# in one chunk (measured on the L snapshot: about 0.1 s less CPU and wall, 4 MiB more RSS).
+DECOMPRESS_CHUNK = 1 << 20
 
 
 class Sink:
