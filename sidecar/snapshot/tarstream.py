@@ -32,6 +32,9 @@ MAX_TRAILER_BYTES = 1024 * 1024  # zero padding tolerated after the end-of-archi
 
 _EXT_TYPES = frozenset({b"x", b"g", b"L", b"K"})
 _ZERO_BLOCK = bytes(BLOCK)
+# int(field.rstrip(_NUL_SPACE), 8) is _num's value whenever it parses: the rest of the field
+# after its first NUL can then only be NULs and spaces, which _num drops and int() ignores.
+_NUL_SPACE = b"\x00 "
 
 
 class MemberType(Enum):
@@ -316,7 +319,10 @@ class TarReader:
             return None
         if self._state == _EOF1:
             raise TarFormatError(f"lone zero block before offset {self._hdr_off}")
-        chksum = _num(block[148:156], "checksum")
+        try:  # the usual octal field in one C call; anything else (base-256, blank) in _num
+            chksum = int(block[148:156].rstrip(_NUL_SPACE), 8)
+        except ValueError:
+            chksum = _num(block[148:156], "checksum")
         # The unsigned sum of the header with the checksum field read as spaces. adler32's low
         # half is 1 + the byte sum mod 65521, exact for 256 bytes (at most 65280): two C calls
         # instead of iterating 512 bytes in Python's sum().
@@ -328,7 +334,10 @@ class TarReader:
         )
         if chksum != unsigned and chksum != _signed_sum(block):
             raise TarFormatError(f"bad header checksum at offset {self._hdr_off}")
-        size = _num(block[124:136], "size")
+        try:
+            size = int(block[124:136].rstrip(_NUL_SPACE), 8)
+        except ValueError:
+            size = _num(block[124:136], "size")
         if size < 0:
             raise TarFormatError(f"negative size at offset {self._hdr_off}")
         typeflag = block[156:157]
