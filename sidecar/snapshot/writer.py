@@ -274,8 +274,8 @@ class SnapshotWriter:
     QuotaExceededError; after an error the writer is dead and `abort()` removes staging.
     Usable as a context manager: leaving the block without `publish()` aborts.
 
-    Internally the calling thread decompresses, while one helper thread parses, hashes and
-    performs the system calls (create, write, close, mkdir); an error found there (a refused
+    Internally the calling thread decompresses (and parses the manifest), while one helper
+    thread parses the rest, hashes and performs the system calls (create, write, close, mkdir); an error found there (a refused
     member, a sha256 mismatch, a full disk) surfaces on the next `feed()` or in `finish()`.
     `write_thread=False` does everything in the calling thread. Not thread-safe: call every
     method from one thread (the one feeding it).
@@ -456,7 +456,9 @@ class SnapshotWriter:
         """A decompressed chunk: hand it to the helper thread (or parse it here)."""
         self.bytes_out += len(data)
         pipe = self._pipe
-        if pipe is None:
+        if pipe is None or self.manifest is None:
+            # Until the manifest is known nothing else can be checked, and a manifest that is
+            # the one in place must stop the download at once (ManifestInPlaceError): here.
             self._parse(data)
         else:
             pipe.check()  # the helper failed: stop decompressing (a bomb ends here)
