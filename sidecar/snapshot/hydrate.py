@@ -3,7 +3,7 @@
 One worker thread downloads (stdlib http.client) and feeds the SnapshotWriter directly (it
 decompresses, and its own helper thread parses, hashes and writes to staging; then it
 publishes), so network, CPU and disk overlap while memory stays bounded (one 1 MiB chunk in
-hand, the kernel's socket buffer, 5 MiB of decompressed chunks in the writer, the zstd window
+hand, the kernel's socket buffer, 6 MiB of decompressed chunks in the writer, the zstd window
 (2 MiB at level 3, at most 16 MiB), and the manifest). No asyncio web stack is involved.
 
 Whether the snapshot at a URL is the tree already in place is decided by what identifies its
