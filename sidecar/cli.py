@@ -97,10 +97,24 @@ def entrypoint() -> NoReturn:
     code = _main(args)
     if args.command in _ONE_SHOT:
         atexit._run_exitfuncs()  # what a normal exit would still run (coverage, profilers)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _flush_or_drop()
         os._exit(code)
+    _flush_or_drop()
     sys.exit(code)
+
+
+def _flush_or_drop() -> None:
+    """Flush stdout and stderr; what they cannot take (a file on a full disk, a closed pipe) is
+    dropped, as sidecar/log.py's LinePrinter drops log lines, by pointing the descriptor at
+    /dev/null: otherwise the interpreter's own last flush fails and the exit status is 120,
+    not the child's."""
+    for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # ValueError: the stream was closed
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -400,19 +400,23 @@ async def test_on_change_hook_coalesces_a_burst(
 # -- its own output --
 
 
+@pytest.mark.parametrize("buffered", [False, True], ids=["unbuffered", "buffered"])
 async def test_unwritable_stdout_does_not_end_the_sidecar(
-    pg_cluster: PostgresCluster, tmp_path: Path
+    pg_cluster: PostgresCluster, tmp_path: Path, buffered: bool
 ) -> None:
     """stdout that takes no line (here /dev/full: every write fails with ENOSPC, as a file on a
     full disk does) loses the log lines, not the preview: the child runs, the sidecar keeps
     syncing and exits with the child's status, no traceback. Unbuffered, as the image runs it
-    (Dockerfile: PYTHONUNBUFFERED=1)."""
+    (Dockerfile: PYTHONUNBUFFERED=1), and block-buffered, where the interpreter's last flush
+    would fail too (exit 120) had cli.py not dropped what stdout cannot take."""
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full here")
     child = write_script(tmp_path / "child.py", WAIT_FOR_FILE_CHILD)
     async with Stack(pg_cluster) as stack:
         env = base_env(stack, tmp_path / "project", snapshot=await stack.publish())
         env["SIDECAR_HTTP_ADDR"] = "off"
+        if buffered:
+            env.pop("PYTHONUNBUFFERED", None)
         with Path("/dev/full").open("wb") as full:
             proc = await asyncio.create_subprocess_exec(
                 PY,
