@@ -98,10 +98,13 @@ def publish_staged(
     project.mkdir(parents=True, exist_ok=True)
     new_dirs = sorted(p for p, k in staged.kinds.items() if k == "d")
     snap_seq = manifest.seq
+    # Only a path the state has can be kept: walk its rows, not every staged path (a first
+    # hydration has none, and 25,000 calls cost about 12 ms of the publish).
+    kinds = staged.kinds
     kept = {
         p
-        for p, k in staged.kinds.items()
-        if k != "d" and snapshot_keeps(state.get(p), files[p].version, snap_seq)
+        for p, known in state.items()
+        if kinds.get(p, "d") != "d" and snapshot_keeps(known, files[p].version, snap_seq)
     }
     written = unchanged = removed = removed_dirs = 0
     # Write-ahead: the state knows every directory this publish may create before it creates
