@@ -16,16 +16,31 @@ __all__ = ["LinePrinter", "configure_logging", "redact_processor"]
 
 
 class LinePrinter(structlog.PrintLogger):
-    """structlog's PrintLogger, except that a line its stream cannot take (stdout redirected to
-    a file on a full disk, a pipe whose reader went away) is lost instead of raised: a log call
-    must never be the fault that ends the sidecar, and its child with it (README, "A fault of
-    the environment while running"). `dropped` counts the lost lines of the process."""
+    """structlog's PrintLogger, except that:
+
+    - a line its stream cannot take (stdout redirected to a file on a full disk, a pipe whose
+      reader went away) is lost instead of raised: a log call must never be the fault that
+      ends the sidecar, and its child with it (README, "A fault of the environment while
+      running"). `dropped` counts the lost lines of the process;
+    - a line and its newline go out in one write: print() makes two when stdout is unbuffered
+      (PYTHONUNBUFFERED=1, as the Dockerfile runs us), and the child shares our stdout (the
+      container's log), so its output could land between a line and its newline.
+
+    Without a stream it writes to whatever sys.stdout is at the time of the call.
+    """
 
     dropped = 0
 
+    def __init__(self, file: TextIO | None = None) -> None:
+        super().__init__(file)
+        self._current_stdout = file is None
+
     def msg(self, message: str) -> None:
+        out = sys.stdout if self._current_stdout else self._file
         try:
-            super().msg(message)
+            with self._lock:
+                out.write(message + "\n")
+                out.flush()
         except OSError:
             LinePrinter.dropped += 1
 

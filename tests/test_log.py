@@ -42,3 +42,28 @@ def test_lines_still_reach_a_working_stream() -> None:
     doc = json.loads(out.getvalue())
     assert (doc["event"], doc["n"], doc["project_id"]) == ("test.line", 1, "p")
     assert LinePrinter.dropped == before
+
+
+class _Recording(io.StringIO):
+    """A stream that keeps each write() call apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def write(self, s: str) -> int:
+        self.calls.append(s)
+        return super().write(s)
+
+
+def test_each_line_is_one_write_with_its_newline() -> None:
+    """Unbuffered (as the image runs), a line in two writes lets the child's output, which
+    shares our stdout, land between a line and its newline."""
+    out = _Recording()
+    configure_logging("json", stream=out)
+    log = structlog.get_logger(component="test")
+    log.info("test.one", n=1)
+    log.warning("test.two", text="x" * 5000)
+    assert len(out.calls) == 2
+    assert all(c.endswith("\n") and c.count("\n") == 1 for c in out.calls)
+    assert [json.loads(c)["event"] for c in out.calls] == ["test.one", "test.two"]
