@@ -34,7 +34,7 @@ import aiohttp
 
 from sidecar.log import configure_logging
 from sidecar.redact import redact_url
-from sidecar.testing.commands import sidecar_command
+from sidecar.testing.commands import sidecar_command, spawn_sidecar, stop_process
 from sidecar.testing.producer import Producer
 from sidecar.testing.realtime.server import RealtimeServer
 from sidecar.testing.rpc_server import RpcServer
@@ -290,31 +290,8 @@ async def _start_worker(
     stack: contextlib.AsyncExitStack, env: Mapping[str, str], log_path: Path
 ) -> None:
     """`sidecar snapshot worker`, as the orchestrator's side runs it, until the demo ends."""
-    with open(log_path, "wb") as log_file:  # noqa: ASYNC230 - handed to the child
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "sidecar",
-            "snapshot",
-            "worker",
-            "--sweep-interval",
-            "5",
-            env=dict(env),
-            stdout=log_file,
-            stderr=log_file,
-        )
-
-    async def stop() -> None:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(15):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-
-    stack.push_async_callback(stop)
+    proc = await spawn_sidecar(env, "snapshot", "worker", "--sweep-interval", "5", log=log_path)
+    stack.push_async_callback(stop_process, proc)
     _say("  orchestrator$ sidecar snapshot worker --sweep-interval 5   (running)")
 
 

@@ -43,6 +43,7 @@ from psycopg.types.json import Jsonb
 
 from sidecar.orch.publish import Published, database_reader, object_path, publish
 from sidecar.orch.storage import StorageClient
+from sidecar.testing.commands import spawn_sidecar, stop_process
 from sidecar.testing.pgstack import PgStack
 from sidecar.testing.postgres import SUPERUSER, PostgresCluster
 from sidecar.testing.producer import Producer
@@ -351,35 +352,22 @@ class Stack(PgStack):
         workdir = Path(tempfile.mkdtemp(prefix="e2e-worker-"))
         self._stack.callback(shutil.rmtree, workdir, True)
         self.worker_log = workdir / "worker.log"
-        with self.worker_log.open("wb") as log_file:
-            self._worker = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "sidecar",
-                "snapshot",
-                "worker",
-                "--sweep-interval",
-                "1",
-                env=self.orchestrator_env(),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-            )
+        self._worker = await spawn_sidecar(
+            self.orchestrator_env(),
+            "snapshot",
+            "worker",
+            "--sweep-interval",
+            "1",
+            log=self.worker_log,
+        )
         self._stack.push_async_callback(self._stop_worker)
 
     async def _stop_worker(self) -> None:
         proc, self._worker = self._worker, None
         if proc is None:
             return
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(15):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        assert proc.returncode == 0, f"the worker exited with {proc.returncode}{self.worker_tail()}"
+        code = await stop_process(proc)
+        assert code == 0, f"the worker exited with {code}{self.worker_tail()}"
 
     def worker_tail(self, n: int = 20) -> str:
         """The worker's last log lines, for assertion messages."""

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import signal
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from sidecar.testing.commands import spawn_sidecar, stop_process
 from sidecar.testing.pgrst import call_rpc
 from sidecar.testing.postgres import PostgresCluster
 from sidecar.testing.snapshot_server import SnapshotServer
@@ -54,11 +53,8 @@ class Workers:
         self.procs: list[asyncio.subprocess.Process] = []
 
     async def start(self, *args: str) -> asyncio.subprocess.Process:
-        log = (self.log_dir / f"worker-{len(self.procs)}.log").open("wb")
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "sidecar",
+        proc = await spawn_sidecar(
+            self.env,
             "snapshot",
             "worker",
             "--sweep-interval",
@@ -66,11 +62,8 @@ class Workers:
             "--http-addr",
             "127.0.0.1:0",
             *args,
-            env=self.env,
-            stdout=log,
-            stderr=log,
+            log=self.log_dir / f"worker-{len(self.procs)}.log",
         )
-        log.close()
         self.procs.append(proc)
         return proc
 
@@ -110,16 +103,7 @@ class Workers:
         return "\n".join(p.read_text() for p in sorted(self.log_dir.glob("worker-*.log")))
 
     async def stop(self) -> None:
-        for proc in self.procs:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                async with asyncio.timeout(10):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await asyncio.gather(*(stop_process(proc, grace=10) for proc in self.procs))
 
 
 @pytest.fixture
