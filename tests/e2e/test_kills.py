@@ -14,6 +14,7 @@ import random
 import signal
 import sys
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -61,6 +62,16 @@ class Watch:
         while not stop.is_set():
             await asyncio.to_thread(self.check)
             await asyncio.sleep(0.002)
+
+    async def __aenter__(self) -> Self:
+        """Poll from now until the block ends (its last poll done)."""
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self.run(self._stop))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        await self._task
 
 
 def _dirs(files: dict[str, bytes]) -> set[str]:
@@ -123,11 +134,8 @@ async def test_sigkill_during_hydration_over_an_older_tree(
         env = base_env(stack, project, snapshot=(url, sha))
         argv = [sys.executable, "-m", "sidecar", "hydrate"]
 
-        watch = Watch(project, allowed)
-        stop = asyncio.Event()
-        watcher = asyncio.create_task(watch.run(stop))
         kills = during_publish = completed = 0
-        try:
+        async with Watch(project, allowed) as watch:
             stack.snaps.faults.trickle = 2_000_000
             for i in range(40):
                 if kills >= 16:
@@ -163,9 +171,6 @@ async def test_sigkill_during_hydration_over_an_older_tree(
                         allowed.setdefault(p, set()).add(_sha(d))
                     env = base_env(stack, project, snapshot=await stack.publish())
                 watch.check()
-        finally:
-            stop.set()
-            await watcher
         stack.snaps.faults.trickle = None
         assert kills >= 15, (kills, completed)
         assert during_publish >= 3, (during_publish, completed)
@@ -205,10 +210,7 @@ async def test_sigkill_during_a_content_url_download(
         allowed["assets/big.bin"] = {_sha(big)}
         stage = tmp_path / "sidecar-project" / ".sidecar" / "tmp"
         async with running_sidecar(stack, tmp_path) as sc:
-            watch = Watch(sc.project_dir, allowed)
-            stop = asyncio.Event()
-            watcher = asyncio.create_task(watch.run(stop))
-            try:
+            async with Watch(sc.project_dir, allowed) as watch:
                 stack.snaps.faults.trickle = 1024 * 1024
                 await stack.send_db("file:update", event)
 
@@ -218,9 +220,6 @@ async def test_sigkill_during_a_content_url_download(
                 await sc.wait(partial, "download half way, in the state directory", 20)
                 sc.send_signal(signal.SIGKILL)
                 await sc.wait_exit()
-            finally:
-                stop.set()
-                await watcher
             assert watch.violations == [], watch.violations[:10]
             assert not (sc.project_dir / "assets" / "big.bin").exists()
             assert list(stage.glob("*")), "the partial download was in the state directory"
@@ -249,10 +248,7 @@ async def test_sigkill_during_a_large_body_fetch(
         stage = tmp_path / "sidecar-project" / ".sidecar" / "tmp"
         env = {"SUPABASE_URL": stack.rpc.url}
         async with running_sidecar(stack, tmp_path, env_overrides=env) as sc:
-            watch = Watch(sc.project_dir, allowed)
-            stop = asyncio.Event()
-            watcher = asyncio.create_task(watch.run(stop))
-            try:
+            async with Watch(sc.project_dir, allowed) as watch:
                 stack.rpc.faults.content_trickle = 1024 * 1024
                 await stack.editor_upsert("assets/big.bin", big)
                 await sc.wait(
@@ -260,9 +256,6 @@ async def test_sigkill_during_a_large_body_fetch(
                 )
                 sc.send_signal(signal.SIGKILL)
                 await sc.wait_exit()
-            finally:
-                stop.set()
-                await watcher
             assert watch.violations == [], watch.violations[:10]
             assert not (sc.project_dir / "assets" / "big.bin").exists()
             assert list(stage.glob("*")) == []
