@@ -5,27 +5,41 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["sidecar_command", "spawn_sidecar", "stop_process"]
+__all__ = ["CommandTimeoutError", "sidecar_command", "spawn_sidecar", "stop_process"]
+
+
+class CommandTimeoutError(TimeoutError):
+    """The command ran out of time and was killed; `out` and `err` are what it had printed."""
+
+    def __init__(self, args: Sequence[str], timeout: float, out: str, err: str) -> None:
+        super().__init__(f"sidecar {list(args)} did not exit within {timeout}s")
+        self.out, self.err = out, err
 
 
 async def sidecar_command(
     env: Mapping[str, str],
     *args: str,
     timeout: float = 90.0,  # noqa: ASYNC109 - the process is killed when it runs out
+    cwd: Path | None = None,
+    wrap: Sequence[str] = (),
 ) -> tuple[int, str, str]:
-    """Run `python -m sidecar ARGS` with exactly `env`: (exit code, stdout, stderr).
+    """Run `[*WRAP] python -m sidecar ARGS` with exactly `env`, stdin closed: (exit code,
+    stdout, stderr).
 
-    Raises TimeoutError (the process killed) when it takes longer than `timeout` seconds.
+    Raises CommandTimeoutError (the process killed) when it takes longer than `timeout` seconds.
     """
     proc = await asyncio.create_subprocess_exec(
+        *wrap,
         sys.executable,
         "-m",
         "sidecar",
         *args,
         env=dict(env),
+        cwd=cwd,
+        stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -34,10 +48,14 @@ async def sidecar_command(
             out, err = await proc.communicate()
     except TimeoutError:
         proc.kill()
-        await proc.wait()
-        raise
+        out, err = await proc.communicate()
+        raise CommandTimeoutError(args, timeout, _text(out), _text(err)) from None
     assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return proc.returncode, _text(out), _text(err)
+
+
+def _text(data: bytes) -> str:
+    return data.decode(errors="replace")
 
 
 async def spawn_sidecar(

@@ -43,7 +43,12 @@ from psycopg.types.json import Jsonb
 
 from sidecar.orch.publish import Published, database_reader, object_path, publish
 from sidecar.orch.storage import StorageClient
-from sidecar.testing.commands import spawn_sidecar, stop_process
+from sidecar.testing.commands import (
+    CommandTimeoutError,
+    sidecar_command,
+    spawn_sidecar,
+    stop_process,
+)
 from sidecar.testing.pgstack import PgStack
 from sidecar.testing.postgres import SUPERUSER, PostgresCluster
 from sidecar.testing.producer import Producer
@@ -832,29 +837,10 @@ async def run_sidecar(
     wrap: Sequence[str] = (),
 ) -> tuple[int, str, str]:
     """Run `[*WRAP] python -m sidecar ARGV` to completion: (exit code, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        *wrap,
-        sys.executable,
-        "-m",
-        "sidecar",
-        *argv,
-        env=dict(env),
-        cwd=cwd,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
     try:
-        async with asyncio.timeout(timeout):
-            out, err = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        out, err = await proc.communicate()
-        raise AssertionError(
-            f"sidecar {list(argv)} did not exit within {timeout}s:\n{out.decode()}\n{err.decode()}"
-        ) from None
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+        return await sidecar_command(env, *argv, timeout=timeout, cwd=cwd, wrap=wrap)
+    except CommandTimeoutError as exc:
+        raise AssertionError(f"{exc}:\n{exc.out}\n{exc.err}") from None
 
 
 async def until_wall_clock(t: float) -> None:
